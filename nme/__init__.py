@@ -1,0 +1,18 @@
+"""Neural Mixed Effects: person-generic θ̄ plus person-specific θⁱ for any PyTorch module."""
+
+from nme.artifact import ArtifactError
+from nme.estimators import NMEClassifier, NMERegressor, load_estimator
+from nme.personalize import EffectsLayout, PersonalizedModule, resolve_placement
+from nme.persons import UNKNOWN, PersonTable
+
+__all__ = [
+    "UNKNOWN",
+    "ArtifactError",
+    "EffectsLayout",
+    "NMEClassifier",
+    "NMERegressor",
+    "PersonTable",
+    "PersonalizedModule",
+    "load_estimator",
+    "resolve_placement",
+]

@@ -1,0 +1,87 @@
+"""Model artifacts: a directory with ``weights.safetensors`` and ``config.json``.
+
+Artifacts are written to a temporary sibling directory and renamed into place, so a reader never
+sees a half-written one. ``config.json`` carries ``schema_version``; readers refuse other
+versions with a clear :class:`ArtifactError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SCHEMA_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class ArtifactError(ValueError):
+    """The artifact is missing, corrupt, of another schema version, or does not fit its config."""
+
+
+def write_artifact(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``config`` and ``tensors`` atomically to directory ``path`` (replacing it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        # safetensors refuses shared or non-contiguous storage
+        save_file(
+            {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+            str(tmp / WEIGHTS_FILE),
+        )
+        body = json.dumps({"schema_version": SCHEMA_VERSION, **config}, indent=2)
+        (tmp / CONFIG_FILE).write_text(body + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read an artifact directory; raises :class:`ArtifactError` with the reason."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"no model artifact at {path} (expected a directory)")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise ArtifactError(f"artifact {path} is missing {name}")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"artifact {path}: {CONFIG_FILE} is not valid JSON ({err})") from err
+    version = config.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"artifact {path} has schema version {version!r}; this nme reads version "
+            f"{SCHEMA_VERSION}"
+        )
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own error types
+        raise ArtifactError(f"artifact {path}: cannot read {WEIGHTS_FILE} ({err})") from err
+    return config, tensors
+
+
+def artifact_sha256(path: str | os.PathLike) -> str:
+    """sha256 over the artifact's files (names and contents, in name order)."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.is_file():
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

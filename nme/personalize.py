@@ -1,0 +1,214 @@
+"""Make chosen parameters of any ``nn.Module`` person-specific: θ = θ̄ + θⁱ[person].
+
+The module's own parameters are θ̄. A :class:`~nme.persons.PersonTable` holds one flattened θⁱ
+row per person; the forward gathers the batch's rows, unflattens them into per-sample parameter
+tensors and runs the module once over the whole batch with ``torch.func.vmap`` +
+``functional_call`` (for linear layers this is a batched matmul), never a Python loop over
+persons or samples.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from nme.persons import PersonTable
+
+METHODS = ("generic", "specific", "unme", "nme")
+"""The variants of paper §5.2 that share this machinery (mlp-lme lives in ``nme.lme``)."""
+
+Placement = str | Sequence[str]
+
+
+@dataclass(frozen=True)
+class EffectsLayout:
+    """Order and shapes of the parameters inside one flattened θⁱ row."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``flat: (..., dim)`` -> ``{name: (..., *shape)}`` (views, no copy)."""
+        lead = flat.shape[:-1]
+        parts = torch.split(flat, list(self.sizes), dim=-1)
+        return {
+            n: p.reshape(*lead, *s) for n, s, p in zip(self.names, self.shapes, parts, strict=True)
+        }
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``{name: (*shape)}`` -> ``(dim,)`` in layout order."""
+        if not self.names:
+            return torch.zeros(0)
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def to_json(self) -> list[dict]:
+        return [{"name": n, "shape": list(s)} for n, s in zip(self.names, self.shapes, strict=True)]
+
+    @classmethod
+    def from_json(cls, items: list[dict]) -> EffectsLayout:
+        return cls(tuple(i["name"] for i in items), tuple(tuple(i["shape"]) for i in items))
+
+
+def resolve_placement(module: nn.Module, placement: Placement) -> list[str]:
+    """Names of the parameters of ``module`` that become person-specific.
+
+    Args:
+        placement: ``"last"`` (weight and bias of the last ``nn.Linear`` in module order),
+            ``"all"`` (every parameter), ``"none"``, or a list of patterns; each pattern matches a
+            parameter's exact name, a dotted suffix of it (``"0.weight"`` matches
+            ``"layers.0.weight"``) or, failing both, a full-match regular expression.
+
+    Raises:
+        ValueError: if the placement is unknown or a pattern matches no parameter.
+    """
+    names = [n for n, _ in module.named_parameters()]
+    if isinstance(placement, str):
+        if placement == "all":
+            return names
+        if placement == "none":
+            return []
+        if placement == "last":
+            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError("placement='last' needs an nn.Linear in the module; none found")
+            prefix = f"{linears[-1]}." if linears[-1] else ""
+            return [n for n in names if n in (f"{prefix}weight", f"{prefix}bias")]
+        placement = [placement]
+    chosen: list[str] = []
+    unmatched: list[str] = []
+    for pattern in placement:
+        hits = [n for n in names if n == pattern or n.endswith(f".{pattern}")]
+        if not hits:
+            try:
+                rx = re.compile(pattern)
+            except re.error:
+                rx = None
+            hits = [n for n in names if rx is not None and rx.fullmatch(n)]
+        if not hits:
+            unmatched.append(pattern)
+        chosen.extend(h for h in hits if h not in chosen)
+    if unmatched:
+        raise ValueError(
+            f"placement patterns {unmatched} match no parameter; parameters are {names}"
+        )
+    # Keep the module's own order so the flattened layout is canonical.
+    return [n for n in names if n in chosen]
+
+
+class PersonalizedModule(nn.Module):
+    """Wraps ``base`` so that the ``placement`` parameters are θ̄ + θⁱ[person].
+
+    Args:
+        base: any module mapping ``x: (batch, ...)`` to ``(batch, ...)``; its parameters are θ̄.
+        placement: see :func:`resolve_placement`.
+        n_persons: rows of the person table.
+        method: ``"generic"`` (no θⁱ at all), ``"specific"`` (θⁱ only: the placed θ̄ are frozen
+            at zero and every person's row starts from the base's initial values), ``"unme"`` or
+            ``"nme"`` (θ̄ + θⁱ with θⁱ starting at zero, the prior mean).
+    """
+
+    def __init__(
+        self, base: nn.Module, placement: Placement, n_persons: int, method: str = "nme"
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.base = base
+        self.method = method
+        names = [] if method == "generic" else resolve_placement(base, placement)
+        params = dict(base.named_parameters())
+        self.layout = EffectsLayout(tuple(names), tuple(tuple(params[n].shape) for n in names))
+        self.persons = PersonTable(n_persons, self.layout.dim)
+        if method == "specific" and names:
+            with torch.no_grad():
+                init = self.layout.flatten({n: params[n].detach() for n in names})
+                self.persons.weight.copy_(init.expand(n_persons, -1))
+                for n in names:
+                    params[n].zero_()
+                    params[n].requires_grad_(False)
+
+    @property
+    def effect_dim(self) -> int:
+        return self.layout.dim
+
+    def generic_parameters(self) -> list[nn.Parameter]:
+        """The trainable θ̄ (everything but the person table)."""
+        return [p for p in self.base.parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        persons: torch.Tensor | None = None,
+        effects: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the module with per-sample parameters.
+
+        Args:
+            x: ``(batch, ...)`` inputs of ``base``.
+            persons: ``(batch,) long`` person indices (-1 = unknown → θⁱ = 0).
+            effects: optional ``(batch, dim)`` θⁱ rows to use instead of the table's (serving
+                passes rows fetched from the database).
+
+        Returns:
+            ``(output, rows)``: the module's output ``(batch, ...)`` and the θⁱ rows used,
+            ``(batch, dim)`` (for the penalty of the NME objective).
+        """
+        if effects is None:
+            if persons is None:
+                raise ValueError("pass persons (indices into the table) or effects (θⁱ rows)")
+            effects = self.persons(persons)
+        rows = effects  # (batch, dim)
+        if self.layout.dim == 0:
+            return self.base(x), rows
+        base_params = {n: p for n, p in self.base.named_parameters() if n in self.layout.names}
+        deltas = self.layout.split(rows)  # {name: (batch, *shape)}
+
+        def one(delta: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            params = {n: base_params[n] + d for n, d in delta.items()}
+            return functional_call(self.base, params, (xi.unsqueeze(0),)).squeeze(0)
+
+        out = vmap(one, randomness="different")(deltas, x)
+        return out, rows
+
+    def squared_output_grads(
+        self, x: torch.Tensor, persons: torch.Tensor, chunk: int = 4096
+    ) -> torch.Tensor:
+        """Per person, Σⱼ (∂f(Xⁱⱼ)/∂θⁱ)² for a module with one scalar output per sample.
+
+        Args:
+            x: ``(n, ...)`` inputs; persons: ``(n,) long`` their (known) persons.
+
+        Returns:
+            ``(n_persons, dim)`` accumulated squared per-sample gradients (the diagonal of the
+            Gauss–Newton matrix of a squared-error loss, up to the factor 2).
+        """
+        base_params = {n: p.detach() for n, p in self.base.named_parameters()
+                       if n in self.layout.names}
+        layout = self.layout
+
+        def f(row: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+            params = {n: base_params[n] + d for n, d in layout.split(row).items()}
+            return functional_call(self.base, params, (xi.unsqueeze(0),)).reshape(())
+
+        per_sample = vmap(torch.func.grad(f))
+        table = self.persons.weight.detach()
+        out = torch.zeros_like(table)  # (n_persons, dim)
+        for s in range(0, x.shape[0], chunk):
+            p = persons[s : s + chunk]
+            g = per_sample(table[p], x[s : s + chunk])  # (b, dim)
+            out.index_add_(0, p, g * g)
+        return out

@@ -1,0 +1,195 @@
+"""The fit loop: E-step epochs of Adam on the NME loss, M-steps, validation, early stopping.
+
+It is task-agnostic: the caller supplies ``item_loss(idx)``, the downstream loss of a set of
+training items (rows of a table, or whole sequences for the CRF) together with the θⁱ rows
+used, so the MLP estimators and the sequence tagger share this loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from nme.objective import laplace_posterior, m_step, nme_batch_loss
+from nme.personalize import PersonalizedModule
+
+ItemLoss = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``idx: (b,) long`` -> ``(losses (b,), rows (b, dim))`` in the module's current mode."""
+
+SquaredGrads = Callable[[], torch.Tensor]
+"""Returns ``(n_persons, dim)``: per person, Σⱼ (∂f(Xⁱⱼ)/∂θⁱ)² (for the Laplace M-step)."""
+
+Validate = Callable[[], dict[str, float]]
+"""Returns at least ``{"val_loss": …}`` (lower is better) and optionally ``"val_metric"``."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the fit loop."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    max_epochs: int = 100
+    patience: int | None = 10
+    anneal: float | None = None
+    seed: int | None = None
+    verbose: bool = False
+    eval_batch_size: int = 8192
+    m_step: str = "paper"
+
+
+@dataclass
+class TrainResult:
+    """What the loop learned besides the module's weights (those are updated in place)."""
+
+    sigma2: float
+    Sigma: torch.Tensor
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+def _mean_loss(item_loss: ItemLoss, n_items: int, chunk: int, device: torch.device) -> float:
+    total = 0.0
+    for start in range(0, n_items, chunk):
+        idx = torch.arange(start, min(start + chunk, n_items), device=device)
+        losses, _ = item_loss(idx)
+        total += float(losses.sum())
+    return total / max(n_items, 1)
+
+
+def fit_loop(
+    module: PersonalizedModule,
+    persons: torch.Tensor,
+    item_loss: ItemLoss,
+    config: TrainConfig,
+    validate: Validate | None = None,
+    callback: Callable[[dict], None] | None = None,
+    squared_grads: SquaredGrads | None = None,
+) -> TrainResult:
+    """Train ``module`` in place.
+
+    Args:
+        module: the personalised network; its person table has one row per person.
+        persons: ``(n_items,) long`` the person of each training item (all known, ≥ 0).
+        item_loss: see :data:`ItemLoss`.
+        config: hyper-parameters.
+        validate: evaluates the current module on held-out data (eval mode is set for it);
+            enables early stopping with ``config.patience`` and restores the best epoch.
+        callback: called with each epoch's history record (progress reporting).
+        squared_grads: needed for ``config.m_step == "laplace"`` (see
+            :func:`nme.objective.laplace_posterior`).
+
+    Returns:
+        σ², Σ (diagonal, ``(dim,)``), the per-epoch history and the best epoch.
+    """
+    if config.m_step not in ("paper", "laplace"):
+        raise ValueError(f"m_step must be 'paper' or 'laplace', got {config.m_step!r}")
+    if config.m_step == "laplace" and squared_grads is None:
+        raise ValueError("the Laplace M-step needs squared_grads (regression only)")
+    device = persons.device
+    n_items = persons.shape[0]
+    dim = module.effect_dim
+    n_obs = torch.bincount(persons, minlength=module.persons.n_persons).to(torch.float32)
+    n_obs_items = n_obs[persons]  # (n_items,)
+    penalised = module.method == "nme"
+    sigma2 = 1.0
+    Sigma = torch.ones(dim, device=device)
+
+    generic = module.generic_parameters()
+    dense = (
+        torch.optim.AdamW(generic, lr=config.lr, weight_decay=config.weight_decay)
+        if generic
+        else None
+    )
+    # SparseAdam is lazy: only the rows present in a batch's sparse gradient are touched.
+    sparse = torch.optim.SparseAdam([module.persons.weight], lr=config.lr) if dim else None
+
+    gen = torch.Generator()
+    if config.seed is not None:
+        gen.manual_seed(config.seed)
+    result = TrainResult(sigma2=sigma2, Sigma=Sigma)
+    best_val = float("inf")
+    best_state: dict | None = None
+    stale = 0
+    epochs = tqdm(range(config.max_epochs), disable=not config.verbose, desc="epochs", unit="ep")
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        module.train()
+        sigma_inv = (1.0 / Sigma) if penalised else None
+        scale = sigma2 if penalised else 1.0
+        running, seen = 0.0, 0
+        order = torch.randperm(n_items, generator=gen).to(device)
+        for start in range(0, n_items, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            losses, rows = item_loss(idx)
+            loss = nme_batch_loss(losses, rows, n_obs_items[idx], scale, sigma_inv)
+            if dense is not None:
+                dense.zero_grad(set_to_none=True)
+            if sparse is not None:
+                sparse.zero_grad(set_to_none=True)
+            loss.backward()
+            if dense is not None:
+                dense.step()
+            if sparse is not None and module.persons.weight.grad is not None:
+                sparse.step()
+            running += float(losses.detach().sum())
+            seen += idx.shape[0]
+
+        module.eval()
+        with torch.no_grad():
+            record: dict = {"epoch": epoch + 1, "max_epochs": config.max_epochs}
+            record["train_loss"] = running / max(seen, 1)
+            if penalised:
+                mean = _mean_loss(item_loss, n_items, config.eval_batch_size, device)
+                posterior = None
+                if config.m_step == "laplace" and dim:
+                    posterior = laplace_posterior(squared_grads(), sigma2, Sigma, n_items)
+                sigma2, Sigma = m_step(
+                    mean, module.persons.weight, Sigma, config.anneal, posterior
+                )
+            record["sigma2"] = sigma2
+            record["Sigma_mean"] = float(Sigma.mean()) if dim else 0.0
+            if validate is not None:
+                record.update(validate())
+        record["seconds"] = time.perf_counter() - t0
+        result.history.append(record)
+        if config.verbose:
+            shown = ("train_loss", "val_loss", "val_metric")
+            epochs.set_postfix({k: f"{record[k]:.4g}" for k in shown if k in record})
+        if callback is not None:
+            callback(record)
+
+        if validate is None:
+            result.best_epoch = epoch + 1
+            continue
+        if record["val_loss"] < best_val:
+            best_val = record["val_loss"]
+            best_state = {
+                "module": copy.deepcopy(module.state_dict()),
+                "sigma2": sigma2,
+                "Sigma": Sigma.clone(),
+            }
+            result.best_epoch = epoch + 1
+            stale = 0
+        else:
+            stale += 1
+            if config.patience is not None and stale >= config.patience:
+                break
+
+    if best_state is not None:
+        module.load_state_dict(best_state["module"])
+        sigma2, Sigma = best_state["sigma2"], best_state["Sigma"]
+    module.eval()
+    if not penalised:
+        # Not used by these variants' loss, but reported so they can be compared with NME.
+        with torch.no_grad():
+            mean = _mean_loss(item_loss, n_items, config.eval_batch_size, device)
+            sigma2, Sigma = m_step(mean, module.persons.weight, Sigma, None)
+    result.sigma2, result.Sigma = sigma2, Sigma
+    return result
