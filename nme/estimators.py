@@ -63,6 +63,7 @@ class _NMEEstimator:
         "patience",
         "anneal",
         "m_step",
+        "batching",
         "device",
         "random_state",
         "verbose",
@@ -86,6 +87,7 @@ class _NMEEstimator:
         patience: int | None = 10,
         anneal: float | None = 0.8,
         m_step: str = "paper",
+        batching: str = "random",
         device: str = "auto",
         random_state: int | None = None,
         verbose: bool = False,
@@ -97,6 +99,9 @@ class _NMEEstimator:
         if m_step not in ("paper", "laplace"):
             raise ValueError(f"m_step must be 'paper' or 'laplace', got {m_step!r}")
         self.m_step = m_step
+        if batching not in ("random", "person"):
+            raise ValueError(f"batching must be 'random' or 'person', got {batching!r}")
+        self.batching = batching
         self.hidden = tuple(int(h) for h in hidden)
         self.placement = placement if isinstance(placement, str) else list(placement)
         self.method = method
@@ -194,7 +199,7 @@ class _NMEEstimator:
         module = self.module_
 
         def item_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out, rows = module(xt[idx], pt[idx])
+            out, rows = module(xt[idx], pt[idx], gathered=True)
             return self._item_losses(out, yt[idx]), rows
 
         validate = None
@@ -223,6 +228,7 @@ class _NMEEstimator:
             seed=self.random_state,
             verbose=self.verbose,
             m_step=self.m_step,
+            batching=self.batching,
         )
         squared_grads = None
         if self.m_step == "laplace":

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from nme.persons import Gathered
+
 SIGMA_FLOOR = 1e-8
 """Lower bound of Σ's diagonal: a parameter with zero spread across persons must not divide by 0."""
 
 
 def nme_batch_loss(
     losses: torch.Tensor,
-    rows: torch.Tensor,
+    rows: torch.Tensor | Gathered,
     n_obs: torch.Tensor,
     sigma2: float,
     sigma_inv: torch.Tensor | None,
@@ -27,7 +29,9 @@ def nme_batch_loss(
 
     Args:
         losses: ``(batch,)`` downstream loss of each item (squared error, cross-entropy, CRF NLL).
-        rows: ``(batch, dim)`` θⁱ of each item's person.
+        rows: ``(batch, dim)`` θⁱ of each item's person, or the same as a
+            :class:`~nme.persons.Gathered` (one row per distinct person: the penalty is then
+            summed per person with weight Σ 1/nᵢ over their items, i.e. count/nᵢ).
         n_obs: ``(batch,)`` float, nᵢ (training items of the item's person).
         sigma2: σ², the noise scale of the downstream loss.
         sigma_inv: ``(dim,)`` the diagonal of Σ⁻¹, or None for no penalty (unme, specific).
@@ -36,9 +40,13 @@ def nme_batch_loss(
         scalar: (Σ_b l_b/σ² + Σ_b θᵀΣ⁻¹θ / nᵢ) / |B|.
     """
     data = losses.sum() / sigma2
-    if sigma_inv is None or rows.shape[-1] == 0:
+    unique = rows.unique if isinstance(rows, Gathered) else rows
+    if sigma_inv is None or unique.shape[-1] == 0:
         return data / losses.shape[0]
-    penalty = ((rows * rows * sigma_inv).sum(-1) / n_obs).sum()
+    weights = 1.0 / n_obs  # (batch,)
+    if isinstance(rows, Gathered) and rows.inverse is not None:
+        weights = weights.new_zeros(unique.shape[0]).index_add_(0, rows.inverse, weights)  # (u,)
+    penalty = (weights * (unique * unique * sigma_inv).sum(-1)).sum()
     return (data + penalty) / losses.shape[0]
 
 

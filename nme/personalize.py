@@ -2,23 +2,33 @@
 
 The module's own parameters are θ̄. A :class:`~nme.persons.PersonTable` holds one flattened θⁱ
 row per person; the forward gathers the batch's rows, unflattens them into per-sample parameter
-tensors and runs the module once over the whole batch with ``torch.func.vmap`` +
-``functional_call`` (for linear layers this is a batched matmul), never a Python loop over
-persons or samples.
+tensors and runs the module once over the whole batch, never a Python loop over persons or
+samples. Two equivalent paths:
+
+* placed parameters that are the weight/bias of ``nn.Linear`` layers (the MLP placements): the
+  module runs once with θ̄ and forward hooks on those layers add the per-sample part,
+  ``out_b += ΔW_b x_b + Δb_b``, as one batched matmul — no per-sample copy of θ̄;
+* anything else: ``torch.func.vmap`` over samples of ``functional_call`` with θ̄ + θⁱ.
+
+A base module may list parameters it uses *outside* its forward (e.g. CRF transitions) in a
+class attribute ``external_parameters``; they are placed like any other but the forward leaves
+them to the caller (``layout.split(rows)``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from nme.persons import PersonTable
+from nme.persons import Gathered, PersonTable
 
 METHODS = ("generic", "specific", "unme", "nme")
 """The variants of paper §5.2 that share this machinery (mlp-lme lives in ``nme.lme``)."""
@@ -133,6 +143,9 @@ class PersonalizedModule(nn.Module):
         params = dict(base.named_parameters())
         self.layout = EffectsLayout(tuple(names), tuple(tuple(params[n].shape) for n in names))
         self.persons = PersonTable(n_persons, self.layout.dim)
+        self._hooked = self._install_linear_hooks(names)
+        # per-thread: the service may run forwards of one model from several threads
+        self._active = threading.local()
         if method == "specific" and names:
             with torch.no_grad():
                 init = self.layout.flatten({n: params[n].detach() for n in names})
@@ -140,6 +153,45 @@ class PersonalizedModule(nn.Module):
                 for n in names:
                     params[n].zero_()
                     params[n].requires_grad_(False)
+
+    def _install_linear_hooks(self, names: list[str]) -> bool:
+        """Use the hook path when every placed, non-external parameter belongs to nn.Linear."""
+        external = set(getattr(self.base, "external_parameters", ()))
+        linears = {n: m for n, m in self.base.named_modules() if isinstance(m, nn.Linear)}
+        owners: set[str] = set()
+        for name in names:
+            if name in external:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if owner not in linears or leaf not in ("weight", "bias"):
+                return False
+            owners.add(owner)
+        for owner in owners:
+            linears[owner].register_forward_hook(partial(self._linear_hook, owner))
+        return True
+
+    def _linear_hook(
+        self, owner: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        active: Gathered | None = getattr(self._active, "rows", None)
+        if active is None:  # the base module called on its own: θ̄ only
+            return None
+        deltas = self.layout.split(active.unique)  # {name: (u, *shape)}
+        prefix = f"{owner}." if owner else ""
+        x = inputs[0]  # (batch, ..., in)
+        b = x.shape[0]
+        weight = deltas.get(f"{prefix}weight")  # (u, out, in)
+        if weight is not None:
+            if active.inverse is not None:
+                weight = weight[active.inverse]  # (batch, out, in)
+            flat = x.reshape(b, -1, x.shape[-1])  # (batch, m, in)
+            output = output + torch.bmm(flat, weight.transpose(1, 2)).reshape(output.shape)
+        bias = deltas.get(f"{prefix}bias")  # (u, out)
+        if bias is not None:
+            if active.inverse is not None:
+                bias = bias[active.inverse]  # (batch, out)
+            output = output + bias.reshape(b, *([1] * (output.dim() - 2)), bias.shape[-1])
+        return output
 
     @property
     def effect_dim(self) -> int:
@@ -154,7 +206,8 @@ class PersonalizedModule(nn.Module):
         x: torch.Tensor,
         persons: torch.Tensor | None = None,
         effects: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gathered: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | Gathered]:
         """Run the module with per-sample parameters.
 
         Args:
@@ -165,15 +218,27 @@ class PersonalizedModule(nn.Module):
 
         Returns:
             ``(output, rows)``: the module's output ``(batch, ...)`` and the θⁱ rows used,
-            ``(batch, dim)`` (for the penalty of the NME objective).
+            ``(batch, dim)`` (for the penalty of the NME objective) — or, with
+            ``gathered=True``, the same rows as a :class:`~nme.persons.Gathered` (one row per
+            distinct person), which makes the penalty cost O(persons in the batch).
         """
-        if effects is None:
-            if persons is None:
-                raise ValueError("pass persons (indices into the table) or effects (θⁱ rows)")
-            effects = self.persons(persons)
-        rows = effects  # (batch, dim)
+        if effects is not None:
+            g = Gathered(effects, None)
+        elif persons is not None:
+            g = self.persons.gather(persons)
+        else:
+            raise ValueError("pass persons (indices into the table) or effects (θⁱ rows)")
+        ret = g if gathered else None
         if self.layout.dim == 0:
-            return self.base(x), rows
+            return self.base(x), (ret or g.per_item())
+        if self._hooked:
+            self._active.rows = g
+            try:
+                out = self.base(x)
+            finally:
+                self._active.rows = None
+            return out, (ret or g.per_item())
+        rows = g.per_item()  # (batch, dim)
         base_params = {n: p for n, p in self.base.named_parameters() if n in self.layout.names}
         deltas = self.layout.split(rows)  # {name: (batch, *shape)}
 
@@ -182,7 +247,7 @@ class PersonalizedModule(nn.Module):
             return functional_call(self.base, params, (xi.unsqueeze(0),)).squeeze(0)
 
         out = vmap(one, randomness="different")(deltas, x)
-        return out, rows
+        return out, (ret or rows)
 
     def squared_output_grads(
         self, x: torch.Tensor, persons: torch.Tensor, chunk: int = 4096

@@ -66,3 +66,16 @@ def test_laplace_posterior_hand_computed() -> None:
     _, Sigma = m_step(1.0, torch.tensor([[1.0], [3.0]]), torch.ones(1), posterior=(V, trace))
     assert Sigma.item() == pytest.approx(2.0 + 2 / 3)
     assert not math.isnan(Sigma.item())
+
+
+def test_gathered_rows_give_the_same_loss_as_per_item_rows() -> None:
+    from nme.persons import Gathered
+
+    unique = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    inverse = torch.tensor([0, 0, 1])
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    n_obs = torch.tensor([4.0, 4.0, 2.0])
+    sigma_inv = torch.tensor([1.0, 0.5])
+    per_item = nme_batch_loss(losses, unique[inverse], n_obs, 2.0, sigma_inv)
+    gathered = nme_batch_loss(losses, Gathered(unique, inverse), n_obs, 2.0, sigma_inv)
+    assert float(gathered) == pytest.approx(float(per_item))
