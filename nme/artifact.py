@@ -27,8 +27,16 @@ class ArtifactError(ValueError):
 
 
 def write_artifact(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``config`` and ``tensors`` atomically to directory ``path`` (replacing it)."""
+    """Write ``config`` and ``tensors`` atomically to directory ``path``.
+
+    An existing artifact at ``path`` is replaced; any other non-empty directory is refused, so
+    a mistyped path never wipes unrelated files.
+    """
     path = Path(path)
+    if path.exists() and not (path / CONFIG_FILE).is_file():
+        if not path.is_dir() or any(path.iterdir()):
+            raise ArtifactError(f"refusing to overwrite {path}: it exists and is not an artifact")
+        path.rmdir()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -121,7 +121,7 @@ class _NMEEstimator:
     def _n_outputs(self) -> int:
         raise NotImplementedError
 
-    def _encode_target(self, y: ArrayLike, fitting: bool) -> torch.Tensor:
+    def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
         raise NotImplementedError
 
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -176,6 +176,8 @@ class _NMEEstimator:
         """
         x, names = feature_matrix(X)
         ids = as_id_list(persons)
+        if any(p is None or (isinstance(p, float) and p != p) for p in ids):
+            raise ValueError("persons contains missing ids (None/NaN)")
         if len(ids) != x.shape[0]:
             raise ValueError(f"persons has {len(ids)} entries, X has {x.shape[0]} rows")
         if x.shape[0] == 0:
@@ -207,7 +209,7 @@ class _NMEEstimator:
             if y_val is None or persons_val is None:
                 raise ValueError("X_val needs y_val and persons_val")
             xv = self._input(X_val, "X_val")
-            yv = self._encode_target(y_val, fitting=False).to(dev)
+            yv = self._encode_target(y_val, fitting=False, name="y_val").to(dev)
             ids_v = as_id_list(persons_val)
 
             def validate() -> dict[str, float]:
@@ -335,7 +337,12 @@ class _NMEEstimator:
 
     @property
     def Sigma_(self) -> dict[str, torch.Tensor]:
-        """Diagonal of Σ per placed parameter, each shaped like the parameter."""
+        """Diagonal of Σ per placed parameter, each shaped like the parameter.
+
+        Like ``sigma2_`` (the mean training loss), Σ lives on the scale the network trains on:
+        z-normalised features and, for regression, z-normalised y (multiply σ² by
+        ``y_scaler_.std**2`` for label units).
+        """
         self._check_fitted()
         return {k: v.cpu() for k, v in self.effects_layout_.split(self._Sigma_flat).items()}
 
@@ -536,10 +543,14 @@ class NMERegressor(_NMEEstimator):
     def _n_outputs(self) -> int:
         return 1
 
-    def _encode_target(self, y: ArrayLike, fitting: bool) -> torch.Tensor:
-        yv = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64).ravel()
+    def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
+        try:
+            yv = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be numeric for regression: {err}") from err
+        yv = yv.ravel()
         if not np.isfinite(yv).all():
-            raise ValueError("y contains NaN or inf")
+            raise ValueError(f"{name} contains NaN or inf")
         if fitting:
             self.y_scaler_ = Standardizer.fit(yv)
         return torch.from_numpy(self.y_scaler_.transform(yv))
@@ -618,7 +629,7 @@ class NMEClassifier(_NMEEstimator):
     def _n_outputs(self) -> int:
         return len(self.classes_)
 
-    def _encode_target(self, y: ArrayLike, fitting: bool) -> torch.Tensor:
+    def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
         labels = as_id_list(y)
         if fitting:
             self.classes_ = sorted(set(labels), key=lambda c: (str(type(c)), c))
@@ -627,7 +638,7 @@ class NMEClassifier(_NMEEstimator):
         index = {c: k for k, c in enumerate(self.classes_)}
         unknown = sorted({str(c) for c in labels if c not in index})
         if unknown:
-            raise ValueError(f"y has labels not seen at fit time: {unknown[:10]}")
+            raise ValueError(f"{name} has labels not seen at fit time: {unknown[:10]}")
         return torch.tensor([index[c] for c in labels], dtype=torch.long)
 
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
