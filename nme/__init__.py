@@ -4,6 +4,7 @@ from nme.artifact import ArtifactError
 from nme.estimators import NMEClassifier, NMERegressor, load_estimator
 from nme.personalize import EffectsLayout, PersonalizedModule, resolve_placement
 from nme.persons import UNKNOWN, PersonTable
+from nme.sequence import NMESequenceTagger
 
 __all__ = [
     "UNKNOWN",
@@ -11,6 +12,7 @@ __all__ = [
     "EffectsLayout",
     "NMEClassifier",
     "NMERegressor",
+    "NMESequenceTagger",
     "PersonTable",
     "PersonalizedModule",
     "load_estimator",

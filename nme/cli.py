@@ -5,6 +5,10 @@ Usage::
     nme simulate mood --persons 200 --days 60 --out mood.csv
     nme fit --data mood.csv --person-col user --target mood --time-col day --out model/
     nme predict --model model/ --data new.csv --out preds.csv
+    nme simulate sequences --persons 100 --out seq.csv
+    nme fit --data seq.csv --task sequence --person-col person --target label
+            --sequence-col sequence_id --position-col position --out tagger/
+    nme evaluate --data mood.csv --person-col user --target mood --time-col day --out eval/
 
 ``simulate`` has one sub-command per kind of data; each kind is added by one function in
 ``SIMULATORS`` (a kind takes the ``simulate`` sub-parsers and registers its own parser with
@@ -50,7 +54,8 @@ from nme.artifact import CONFIG_FILE
 from nme.data import temporal_split
 from nme.estimators import NMEClassifier, NMERegressor, load_estimator
 from nme.personalize import METHODS
-from nme.simulate import simulate_mood
+from nme.sequence import SEQUENCE_PLACEMENTS, NMESequenceTagger
+from nme.simulate import simulate_mood, simulate_sequences
 
 CLI_FILE = "cli.json"
 CLI_VERSION = 1
@@ -84,7 +89,7 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def _placement(text: str) -> str | list[str]:
     """``last`` | ``all`` | ``none`` | comma-separated parameter names (``layers.0.weight``)."""
-    if text in ("last", "all", "none"):
+    if text in ("last", "all", "none", *SEQUENCE_PLACEMENTS):
         return text
     names = [p.strip() for p in text.split(",") if p.strip()]
     if not names:
@@ -311,15 +316,27 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--val-fraction", type=_fraction, default=0.2,
                       help="last share of each person's rows used for validation and early "
                            "stopping; 0 disables (default: 0.2)")
+    data.add_argument("--sequence-col",
+                      help="--task sequence: column with sequence ids (one row per segment)")
+    data.add_argument("--position-col",
+                      help="--task sequence: column ordering the segments of a sequence "
+                           "(default: file order)")
     model = p.add_argument_group("model")
-    model.add_argument("--task", choices=sorted(TASKS), default="regression",
-                       help="default: regression")
+    model.add_argument("--task", choices=sorted([*TASKS, SEQUENCE_TASK]), default="regression",
+                       help="default: regression; 'sequence' fits an NME-CRF tagger")
     model.add_argument("--hidden", type=_hidden, default=d["hidden"],
                        help="hidden layer sizes, e.g. 64,64; '' for a linear model "
                             f"(default: {','.join(map(str, d['hidden']))})")
-    model.add_argument("--placement", type=_placement, default=d["placement"],
+    model.add_argument("--placement", type=_placement, default=None,
                        help="person-specific parameters: last, all, none, or names like "
-                            f"layers.0.weight,layers.0.bias (default: {d['placement']})")
+                            "layers.0.weight,layers.0.bias; for --task sequence also T, last+T, "
+                            f"all+T (default: {d['placement']}; "
+                            f"{_SEQ_DEFAULTS['placement']} for --task sequence)")
+    model.add_argument("--forbid", type=_forbidden,
+                       help="--task sequence: forbidden transitions, e.g. "
+                            "aggressive>positive,positive>aggressive")
+    model.add_argument("--learn-start-end", action="store_true",
+                       help="--task sequence: learn start/end scores (default: uniform)")
     model.add_argument("--method", choices=METHODS, default=d["method"],
                        help=f"default: {d['method']}")
     model.add_argument("--m-step", choices=("paper", "laplace"), default=d["m_step"],
@@ -331,8 +348,9 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
                        help=f"default: {d['lr']}")
     train.add_argument("--weight-decay", type=float, default=d["weight_decay"],
                        help=f"default: {d['weight_decay']}")
-    train.add_argument("--batch-size", type=_positive(int), default=d["batch_size"],
-                       help=f"default: {d['batch_size']}")
+    train.add_argument("--batch-size", type=_positive(int), default=None,
+                       help=f"default: {d['batch_size']} rows; {_SEQ_DEFAULTS['batch_size']} "
+                            "sequences for --task sequence")
     train.add_argument("--max-epochs", type=_positive(int), default=d["max_epochs"],
                        help=f"default: {d['max_epochs']}")
     train.add_argument("--patience", type=_optional(int), default=d["patience"],
@@ -347,6 +365,9 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     """Fit on ``--data`` and save the artifact plus ``cli.json`` to ``--out``."""
+    _fill_task_defaults(args)
+    if args.task == SEQUENCE_TASK:
+        return run_fit_sequences(args)
     path: Path = args.data
     out: Path = args.out
     _check_output_dir(out)
@@ -461,6 +482,10 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
                    help="CSV file: the input rows plus 'prediction' (and 'proba_<class>' "
                         "columns for classification)")
     p.add_argument("--person-col", help="person id column (default: the one used at fit time)")
+    p.add_argument("--sequence-col", help="sequence models: sequence id column (default: the "
+                                          "one used at fit time)")
+    p.add_argument("--position-col", help="sequence models: position column (default: the one "
+                                          "used at fit time)")
     p.add_argument("--device", default="cpu", help="default: cpu")
     p.set_defaults(run=run_predict)
 
@@ -484,6 +509,8 @@ def run_predict(args: argparse.Namespace) -> int:
     person_col = args.person_col or meta.get("person_col")
     if not person_col:
         raise CLIError(f"{args.model} has no {CLI_FILE}; pass --person-col")
+    if isinstance(est, NMESequenceTagger):
+        return run_predict_sequences(args, est, meta, person_col)
     path: Path = args.data
     df = read_csv(path, person_col)
     features = list(est.feature_names_)
@@ -509,6 +536,340 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- evaluate
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    """Only the wiring: the protocol is :mod:`nme.evaluation`, the files :mod:`nme.report`."""
+    from nme.evaluation import GRIDS, PLACEMENTS, SEQUENCE_PLACEMENTS
+    from nme.evaluation import METHODS as EVAL_METHODS
+    from nme.evaluation import TASKS as EVAL_TASKS
+
+    p = commands.add_parser(
+        "evaluate",
+        help="run the paper's evaluation protocol and write a report (table, JSON, plots)",
+        description="Within-person temporal 60/20/20 split, grid search on validation, "
+                    "generic/specific/unme/nme/mlp-lme x placements, per-person metrics and "
+                    "a paired person bootstrap against NME (see nme.evaluation).",
+    )
+    p.add_argument("--data", type=Path, required=True, help="CSV file")
+    p.add_argument("--person-col", required=True, help="column with person ids")
+    p.add_argument("--target", required=True, help="column to predict")
+    p.add_argument("--time-col", help="time order within person (default: file order)")
+    p.add_argument("--features", type=_columns, help="default: every other numeric column")
+    p.add_argument("--task", choices=EVAL_TASKS, default="regression")
+    p.add_argument("--sequence-col", help="--task sequence: column with sequence ids")
+    p.add_argument("--position-col", help="--task sequence: order of segments in a sequence")
+    p.add_argument("--group-col", help="--task sequence: per-person group (e.g. depressed/"
+                                       "control) for mean transition matrices")
+    p.add_argument("--methods", type=_columns, default=None,
+                   help=f"comma-separated subset of {','.join(EVAL_METHODS)} (default: all; "
+                        "mlp-lme only for regression)")
+    p.add_argument("--placements", type=_columns, default=None,
+                   help=f"comma-separated subset of {','.join(PLACEMENTS)} (sequences also "
+                        f"{','.join(SEQUENCE_PLACEMENTS)}; default: {','.join(PLACEMENTS)}, "
+                        f"sequences {','.join(SEQUENCE_PLACEMENTS)})")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="small", help="default: small")
+    p.add_argument("--min-test", type=_positive(int), default=10,
+                   help="drop persons with fewer test rows (default: 10)")
+    p.add_argument("--bootstrap", type=_positive(int), default=10_000,
+                   help="bootstrap resamples of persons (default: 10000)")
+    p.add_argument("--max-epochs", type=_positive(int), default=100, help="default: 100")
+    p.add_argument("--patience", type=_optional(int), default=10, help="default: 10")
+    p.add_argument("--batch-size", type=_positive(int), default=512, help="default: 512")
+    p.add_argument("--device", default="cpu", help="default: cpu")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for results.md, results.json and the PNG plots")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Check the CSV like ``fit`` does, then hand it to :mod:`nme.evaluation`."""
+    from nme.evaluation import EvalConfig, evaluate_frame, evaluate_sequence_frame
+    from nme.report import write_report
+
+    path: Path = args.data
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a directory")
+    sequence = args.task == "sequence"
+    if sequence and not args.sequence_col:
+        raise CLIError("--task sequence needs --sequence-col")
+    device = _resolve_device(args.device)
+    df = read_csv(path, args.person_col)
+    extra = [args.sequence_col, args.position_col, args.group_col] if sequence else []
+    key_cols = [args.person_col, args.target, *filter(None, [args.time_col, *extra])]
+    require_columns(df, key_cols, path)
+    features = args.features if args.features is not None else default_features(df, key_cols)
+    if not features:
+        raise CLIError(f"{path} has no numeric feature columns; name them with --features")
+    require_columns(df, features, path)
+    require_numeric(df, features, path, "feature columns")
+    require_complete(df, [*key_cols, *features], path)
+    if not sequence:
+        _check_target(df[args.target], args.target, args.task, path)
+    if args.time_col:
+        df = time_order(df, args.time_col, path)
+    config = EvalConfig(
+        task=args.task, methods=None if args.methods is None else tuple(args.methods),
+        placements=None if args.placements is None else tuple(args.placements),
+        grid=args.grid, min_test=args.min_test, n_bootstrap=args.bootstrap, seed=args.seed,
+        max_epochs=args.max_epochs, patience=args.patience, batch_size=args.batch_size,
+        device=device, progress=not args.quiet,
+    )
+    # the rows are already in time order, so the split needs no time column
+    if sequence:
+        result = evaluate_sequence_frame(
+            df, args.person_col, args.sequence_col, args.target, features,
+            args.position_col, args.group_col, config, name=path.stem)
+    else:
+        result = evaluate_frame(df, args.person_col, args.target, features, None, config,
+                                name=path.stem)
+    result.data["time_col"] = args.time_col
+    paths = write_report(result, args.out)
+    for name, p in paths.items():
+        print(f"wrote {name}: {p}")
+    return 0
+
+
+# --------------------------------------------------------------------------- sequences
+SEQUENCE_TASK = "sequence"
+_SEQ_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(NMESequenceTagger).parameters.items()
+}
+
+
+def _add_simulate_sequences(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "sequences",
+        help="labelled state sequences with group- and person-specific transitions",
+        description="Sequences of segments labelled other/aggressive/dysphoric/positive; "
+                    "'depressed' and 'control' persons differ in their transitions "
+                    "(see nme.simulate.simulate_sequences).",
+    )
+    p.add_argument("--persons", type=_positive(int), default=100, help="default: 100")
+    p.add_argument("--sequences", type=_positive(int), default=10,
+                   help="sequences per person (default: 10)")
+    p.add_argument("--length", type=_positive(int), default=30,
+                   help="segments per sequence (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--person-noise", type=float, default=0.5,
+                   help="sd of the log-normal person noise on transitions (default: 0.5)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="CSV file; the truth goes to <stem>.truth.csv beside it")
+    p.set_defaults(run=run_simulate_sequences)
+
+
+SIMULATORS.append(_add_simulate_sequences)
+
+
+def run_simulate_sequences(args: argparse.Namespace) -> int:
+    """Write simulated sequences and their ground truth (group, transition matrix)."""
+    data, truth = simulate_sequences(
+        n_persons=args.persons, n_sequences=args.sequences, length=args.length,
+        seed=args.seed, person_noise=args.person_noise,
+    )
+    out: Path = args.out
+    truth_path = out.with_name(f"{out.stem}.truth.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data.to_csv(out, index=False)
+    truth.to_csv(truth_path)
+    print(f"wrote {len(data)} segments ({args.persons} persons x {args.sequences} sequences x "
+          f"{args.length}) to {out}")
+    print(f"wrote ground-truth groups and transition matrices to {truth_path}")
+    return 0
+
+
+def _forbidden(text: str) -> list[tuple[str, str]]:
+    """``"a>b,c>d"`` -> ``[("a", "b"), ("c", "d")]``: forbidden transitions from a to b."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        a, sep, b = part.partition(">")
+        if not sep or not a.strip() or not b.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected forbidden transitions like aggressive>positive,positive>aggressive; "
+                f"got {part!r}"
+            )
+        pairs.append((a.strip(), b.strip()))
+    return pairs
+
+
+def _fill_task_defaults(args: argparse.Namespace) -> None:
+    """Options whose sensible default depends on ``--task`` (rows vs whole sequences)."""
+    defaults = _SEQ_DEFAULTS if args.task == SEQUENCE_TASK else _DEFAULTS
+    if args.placement is None:
+        args.placement = defaults["placement"]
+    if args.batch_size is None:
+        args.batch_size = defaults["batch_size"]
+
+
+def _sequence_order(
+    df: pd.DataFrame, person_col: str, sequence_col: str, position_col: str | None, path: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row order grouping each (person, sequence) together, by position within a sequence.
+
+    Returns:
+        ``(order (n_rows,), starts (n_sequences + 1,))``: ``df.iloc[order[starts[k]:
+        starts[k + 1]]]`` are the segments of sequence k; sequences in order of first appearance.
+    """
+    # a sequence id may repeat across persons, so the pair identifies a sequence
+    codes = df.groupby([person_col, sequence_col], sort=False).ngroup().to_numpy()
+    if position_col is None:
+        pos = np.arange(len(df))
+    else:
+        key = df[position_col]
+        if not pd.api.types.is_numeric_dtype(key):
+            raise CLIError(f"{path}: position column {position_col!r} must be numeric")
+        pos = key.to_numpy()
+    order = np.lexsort((pos, codes))
+    counts = np.bincount(codes)
+    if position_col is not None:
+        sorted_pos = pos[order]
+        same = codes[order][1:] == codes[order][:-1]
+        if bool((same & (sorted_pos[1:] == sorted_pos[:-1])).any()):
+            raise CLIError(f"{path}: a sequence has two rows with the same {position_col!r}")
+    return order, np.concatenate([[0], np.cumsum(counts)])
+
+
+def run_fit_sequences(args: argparse.Namespace) -> int:
+    """``fit --task sequence``: one row per segment, grouped into sequences, an NME-CRF."""
+    path: Path = args.data
+    out: Path = args.out
+    _check_output_dir(out)
+    device = _resolve_device(args.device)
+    if not args.sequence_col:
+        raise CLIError("--task sequence needs --sequence-col (the column with sequence ids)")
+    if args.m_step != "paper":
+        raise CLIError("--m-step laplace is implemented for --task regression only")
+    df = read_csv(path, args.person_col)
+    key_cols = [args.person_col, args.target, args.sequence_col]
+    key_cols += [c for c in (args.position_col, args.time_col) if c]
+    require_columns(df, key_cols, path)
+    if args.features is not None:
+        clash = [c for c in args.features if c in key_cols]
+        if clash:
+            raise CLIError(f"--features must not include the person, target, sequence, "
+                           f"position or time column: {clash}")
+        features = list(dict.fromkeys(args.features))
+        require_columns(df, features, path)
+        require_numeric(df, features, path, "feature columns")
+    else:
+        features = default_features(df, key_cols)
+        if not features:
+            raise CLIError(f"{path} has no numeric feature columns; name them with --features")
+    require_complete(df, [*key_cols, *features], path)
+    if args.time_col:
+        # sequences then appear (and are split for validation) in time order within person
+        df = time_order(df, args.time_col, path)
+    order, starts = _sequence_order(df, args.person_col, args.sequence_col, args.position_col,
+                                    path)
+    rows = df.iloc[order]
+    X, y = rows[features], rows[args.target].to_numpy()
+    sequences = [(X.iloc[a:b], y[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    persons = rows[args.person_col].to_numpy()[starts[:-1]]
+    if args.val_fraction > 0:
+        part = temporal_split(persons, (1.0 - args.val_fraction, args.val_fraction))
+    else:
+        part = np.zeros(len(sequences), dtype=np.int64)
+    train = [s for s, k in zip(sequences, part, strict=True) if k == 0]
+    val = [s for s, k in zip(sequences, part, strict=True) if k == 1]
+    if not train:
+        raise CLIError("no training sequences left after the validation split; "
+                       "lower --val-fraction")
+    if val:
+        # the tagger knows only the states of its training sequences
+        states = {s for _, lab in train for s in lab}
+        keep = [all(s in states for s in lab) for _, lab in val]
+        if not all(keep):
+            print(f"nme: leaving {len(keep) - sum(keep)} validation sequences out: they have "
+                  f"{args.target!r} states that do not occur in the training sequences",
+                  file=sys.stderr)
+        val_persons = [p for p, k in zip(persons[part == 1], keep, strict=True) if k]
+        val = [s for s, k in zip(val, keep, strict=True) if k]
+
+    est = NMESequenceTagger(
+        hidden=args.hidden,
+        placement=args.placement,
+        method=args.method,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        anneal=args.anneal,
+        learn_start_end=args.learn_start_end,
+        allowed=args.forbid,
+        device=device,
+        random_state=args.seed,
+        verbose=args.verbose,
+    )
+    validation: dict[str, Any] = {}
+    if val:
+        validation = {"sequences_val": val, "persons_val": val_persons}
+    est.fit(train, persons[part == 0], **validation)
+    est.save(out)
+    meta = {
+        "cli_version": CLI_VERSION,
+        "person_col": args.person_col,
+        "target": args.target,
+        "task": SEQUENCE_TASK,
+        "features": features,
+        "time_col": args.time_col,
+        "sequence_col": args.sequence_col,
+        "position_col": args.position_col,
+    }
+    (out / CLI_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    history, best = est.history_, est.best_epoch_
+    record = history[best - 1] if 0 < best <= len(history) else {}
+    metric = record.get("val_metric")
+    shown = f"{metric:.4g}" if metric is not None else "n/a (no validation sequences)"
+    print(f"persons:         {len(est.person_ids_)}")
+    print(f"sequences:       {len(train)} train, {len(val)} validation")
+    print(f"states:          {', '.join(map(str, est.states_))}")
+    print(f"epochs:          {len(history)} (best {best})")
+    print(f"validation accuracy: {shown} (Viterbi, per segment)")
+    print(f"sigma2:          {est.sigma2_:.4g} (mean training CRF NLL per sequence)")
+    print(f"model:           {out}")
+    return 0
+
+
+def run_predict_sequences(
+    args: argparse.Namespace, est: NMESequenceTagger, meta: dict[str, Any], person_col: str
+) -> int:
+    """``predict`` with a sequence model: Viterbi state and marginals for every segment."""
+    sequence_col = args.sequence_col or meta.get("sequence_col")
+    position_col = args.position_col or meta.get("position_col")
+    if not sequence_col:
+        raise CLIError(f"{args.model} has no {CLI_FILE}; pass --sequence-col")
+    path: Path = args.data
+    df = read_csv(path, person_col)
+    features = list(est.feature_names_)
+    key_cols = [person_col, sequence_col, *([position_col] if position_col else [])]
+    require_columns(df, [*key_cols, *features], path)
+    require_numeric(df, features, path, "feature columns")
+    require_complete(df, [*key_cols, *features], path)
+    order, starts = _sequence_order(df, person_col, sequence_col, position_col, path)
+    X = df.iloc[order][features]
+    spans = list(zip(starts[:-1], starts[1:], strict=True))
+    persons = df[person_col].to_numpy()[order][starts[:-1]]
+    feats = [X.iloc[a:b] for a, b in spans]
+    paths = est.predict(feats, persons)
+    margs = np.concatenate(est.predict_marginals(feats, persons))  # (n_rows, S), sorted order
+    result = df.copy()
+    prediction = np.empty(len(df), dtype=object)
+    prediction[order] = np.concatenate([np.asarray(p, dtype=object) for p in paths])
+    result["prediction"] = prediction
+    for k, state in enumerate(est.states_):
+        column = np.empty(len(df))
+        column[order] = margs[:, k]
+        result[f"proba_{state}"] = column
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.to_csv(args.out, index=False)
+    known = sum(p in est.persons_ for p in persons)
+    print(f"wrote {len(result)} segment predictions of {len(spans)} sequences to {args.out} "
+          f"({known} sequences of known persons, {len(spans) - known} generic)")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     """The ``nme`` argument parser with its ``simulate``, ``fit`` and ``predict`` commands."""
@@ -525,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_kind(kinds)
     _add_fit(commands)
     _add_predict(commands)
+    _add_evaluate(commands)
     return parser
 
 

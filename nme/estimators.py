@@ -13,11 +13,30 @@ suggests α ∈ [0.9, 1); with early stopping on validation, 0.9 kept Σ large f
 training often stopped while θⁱ still overfit (README, "Choosing anneal"), so the default is
 0.8. Pass ``anneal=None`` for the plain EM update.
 
-``m_step="paper"`` (default) is the paper's M-step: σ² = mean training loss, Σ = variance of θⁱ
-across persons. ``m_step="laplace"`` (regression) adds each person's diagonal Gauss–Newton
-posterior variance, which is the exact EM of a linear mixed model in the linear case and keeps
-Σ from collapsing when persons have few observations (see
-:func:`nme.objective.laplace_posterior`). Under
+``m_step`` (see :func:`nme.objective.laplace_posterior`): ``"paper"`` is the paper's M-step,
+σ² = mean training loss and Σ = variance of the θⁱ modes across persons; ``"laplace"`` adds
+each person's diagonal Laplace posterior variance of θⁱ — for regression with the exact
+Gauss–Newton curvature (the EM of a linear mixed model: it lands on the REML estimates of
+sleepstudy and Orthodont), for classification with the empirical Fisher of the cross-entropy.
+
+Defaults, measured on simulated mood data with person effects (80 persons, 30 training days,
+``hidden=(32, 32)``, ``placement="last"``; seeds 1/2/3; per-person test scores):
+
+* classification (3 mood classes), ``m_step="laplace"``: the paper's M-step shrinks Σ every epoch
+  (one epoch of Adam never moves θⁱ far enough for their variance to keep up with Σ, so
+  annealing's 0.8ᵏ is the only floor) and collapses it to 0; it only personalises because
+  early stopping ends training first. With early stopping the two are level (accuracy 0.681 /
+  0.744 / 0.776 paper vs 0.680 / 0.738 / 0.775 laplace; generic 0.449 / 0.436 / 0.454);
+  training 60 epochs without early stopping the paper's model falls back to generic
+  (0.434 / 0.455 / 0.468) while laplace keeps 0.668 / 0.745 / 0.726.
+* regression, ``m_step="paper"``: the Gauss–Newton Laplace step is the exact EM in the linear
+  case, but on the nonlinear benchmark it did not help (per-person RMSE with early stopping
+  4.38 / 4.18 / 4.12 paper vs 4.40 / 4.26 / 4.24 laplace; with 5 training days per person
+  4.47 / 4.63 / 5.16 vs 4.67 / 4.93 / 5.03; without early stopping 5.08 / 4.32 / 4.30 vs
+  4.69 / 4.14 / 4.38), so the paper's rule stays the default; use ``"laplace"`` for
+  (near-)linear models and few observations per person.
+
+The Laplace step costs one extra forward and backward pass over the training set per epoch. Under
 ``method="specific"`` there is no generic part on the placed parameters, so unknown persons get
 the mean θⁱ of the training persons instead (the closest thing to a generic model it has).
 """
@@ -200,8 +219,13 @@ class _NMEEstimator:
         pt = torch.from_numpy(self.persons_.encode(ids)).to(dev)
         module = self.module_
 
-        def item_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out, rows = module(xt[idx], pt[idx], gathered=True)
+        def item_loss(
+            idx: torch.Tensor, effects: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if effects is not None:
+                out, rows = module(xt[idx], effects=effects)
+            else:
+                out, rows = module(xt[idx], pt[idx], gathered=True)
             return self._item_losses(out, yt[idx]), rows
 
         validate = None
@@ -233,9 +257,9 @@ class _NMEEstimator:
             batching=self.batching,
         )
         squared_grads = None
-        if self.m_step == "laplace":
-            if self._n_outputs() != 1 or not isinstance(self, NMERegressor):
-                raise ValueError("m_step='laplace' is implemented for NMERegressor only")
+        if self.m_step == "laplace" and isinstance(self, NMERegressor):
+            # squared error: the exact Gauss–Newton curvature (REML in the linear case); the
+            # classifier's cross-entropy uses fit_loop's empirical Fisher
 
             def squared_grads() -> torch.Tensor:
                 return module.squared_output_grads(xt, pt)
@@ -624,7 +648,37 @@ class NMERegressor(_NMEEstimator):
 
 
 class NMEClassifier(_NMEEstimator):
-    """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels."""
+    """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels.
+
+    Same parameters as :class:`NMERegressor`, but ``m_step`` defaults to ``"laplace"`` (the
+    paper's M-step collapses Σ for the cross-entropy; see the module docstring).
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (64, 64),
+        placement: str | Sequence[str] = "last",
+        method: str = "nme",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        batch_size: int = 512,
+        max_epochs: int = 100,
+        patience: int | None = 10,
+        anneal: float | None = 0.8,
+        m_step: str = "laplace",
+        batching: str = "random",
+        device: str = "auto",
+        random_state: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(
+            hidden=hidden, placement=placement, method=method, activation=activation,
+            dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+            max_epochs=max_epochs, patience=patience, anneal=anneal, m_step=m_step,
+            batching=batching, device=device, random_state=random_state, verbose=verbose,
+        )
 
     def _n_outputs(self) -> int:
         return len(self.classes_)

@@ -14,6 +14,26 @@ from nme.persons import Gathered
 SIGMA_FLOOR = 1e-8
 """Lower bound of Σ's diagonal: a parameter with zero spread across persons must not divide by 0."""
 
+M_STEPS = ("paper", "laplace")
+"""``"paper"``: Σ = variance of the θⁱ modes across persons; ``"laplace"``: plus the mean
+diagonal Laplace posterior variance of θⁱ (see :func:`laplace_posterior`)."""
+
+SIGMA2_RULES = ("mean_loss", "nll")
+"""How the M-step sets σ², the scale of the data term of Eq. 1.
+
+``"mean_loss"`` (the paper, for every loss): σ² = mean training loss. For squared error this is
+the Gaussian noise variance, the right weight. For a negative log-likelihood loss it is not a
+noise variance: a CRF's per-sequence NLL of 10–27 divides the data term by that much, as if every
+sequence counted for 1/20 of an observation against the prior.
+
+``"nll"``: σ² fixed at ``NLL_SIGMA2`` = ½, for losses that are a negative log-likelihood
+(cross-entropy, CRF NLL): Eq. 1 is then exactly twice the negative log posterior
+2 Σ l + θᵀΣ⁻¹θ of the generalised mixed model, so the data keep their likelihood weight.
+"""
+
+NLL_SIGMA2 = 0.5
+"""σ² under ``sigma2="nll"``: (1/σ²) Σ l + θᵀΣ⁻¹θ = 2 · (Σ l + ½ θᵀΣ⁻¹θ)."""
+
 
 def nme_batch_loss(
     losses: torch.Tensor,
@@ -56,6 +76,7 @@ def m_step(
     sigma_old: torch.Tensor,
     anneal: float | None = None,
     posterior: tuple[torch.Tensor, float] | None = None,
+    fixed_sigma2: float | None = None,
 ) -> tuple[float, torch.Tensor]:
     """The M-step after an epoch.
 
@@ -67,42 +88,69 @@ def m_step(
         posterior: for the Laplace M-step, ``(mean posterior variance of θⁱ (dim,), mean
             predictive variance per item)``; they are added to Σ and σ² as in the exact EM
             for linear mixed models (see :func:`laplace_posterior`).
+        fixed_sigma2: keep σ² at this value instead of the mean loss (``sigma2="nll"``, see
+            :data:`SIGMA2_RULES`); the posterior's σ² term is then ignored.
 
     Returns:
         ``(sigma2, Sigma)``; Σ is the sample variance (ddof = 1) of θⁱ across persons, per
         parameter. With fewer than two persons there is no spread to measure and Σ is kept.
     """
     if effects.shape[0] < 2 or effects.shape[1] == 0:
-        return float(mean_loss), sigma_old
+        return float(mean_loss if fixed_sigma2 is None else fixed_sigma2), sigma_old
     var = effects.detach().var(dim=0, unbiased=True)  # (dim,)
     if posterior is not None:
         var = var + posterior[0]
         mean_loss = mean_loss + posterior[1]
+    if fixed_sigma2 is not None:
+        mean_loss = fixed_sigma2
     if anneal is not None:
         var = torch.maximum(anneal * sigma_old, var)
     return float(mean_loss), var.clamp_min(SIGMA_FLOOR)
 
 
 def laplace_posterior(
-    sq_grads: torch.Tensor, sigma2: float, Sigma: torch.Tensor, n_items: int
+    curvature: torch.Tensor, sigma2: float, Sigma: torch.Tensor, n_items: int
 ) -> tuple[torch.Tensor, float]:
-    """Diagonal Laplace (Gauss–Newton) posterior of θⁱ for a squared-error loss.
+    """Diagonal Laplace posterior of θⁱ around its mode, for any downstream loss.
 
-    Halving Eq. 1 gives the negative log posterior, whose Gauss–Newton precision for person i
-    is Σⱼ gᵢⱼ²/σ² + Σ⁻¹ with gᵢⱼ = ∂f(Xⁱⱼ)/∂θⁱ. The plain M-step (variance of the posterior
-    modes) ignores the posterior variance Vᵢ = 1/precision and therefore underestimates Σ, down
-    to a collapse at zero when a person's data say little about a parameter (e.g. a random
-    slope from four observations); adding the mean Vᵢ is the EM update of a linear mixed model.
+    Halving Eq. 1 gives the negative log posterior (1/(2σ²)) Σⱼ lᵢⱼ + ½ θᵀΣ⁻¹θ, whose
+    precision for person i is Hᵢ/σ² + Σ⁻¹ with Hᵢ = ½ diag Σⱼ ∂²lᵢⱼ/∂θⁱ² (the *curvature*):
+
+    * squared error l = (y − f)²: the Gauss–Newton Hᵢ = Σⱼ gᵢⱼ² with gᵢⱼ = ∂f(Xⁱⱼ)/∂θⁱ
+      (exact for a linear model; :meth:`~nme.personalize.PersonalizedModule.squared_output_grads`);
+    * a negative log-likelihood (cross-entropy, CRF NLL): the Fisher approximation
+      ∂²l ≈ (∂l)², Hᵢ = ½ Σⱼ (∂lᵢⱼ/∂θⁱ)² (:func:`empirical_fisher`).
+
+    The plain M-step (variance of the posterior modes) ignores the posterior variance
+    Vᵢ = 1/precision and therefore underestimates Σ, down to a collapse at zero when a person's
+    data say little about a parameter (a random slope from four observations, a transition
+    seen twice in a person's sequences); adding the mean Vᵢ is the EM update of a linear mixed
+    model, and its Laplace approximation otherwise.
 
     Args:
-        sq_grads: ``(n_persons, dim)`` Σⱼ gᵢⱼ² per person.
+        curvature: ``(n_persons, dim)`` Hᵢ per person (see above).
         sigma2: current σ².
         Sigma: ``(dim,)`` current diagonal of Σ.
         n_items: number of training items N.
 
     Returns:
-        ``(mean over persons of Vᵢ (dim,), Σᵢ Σ_k sq_gradsᵢₖ Vᵢₖ / N)``: the second term is the
-        mean predictive variance E[(gᵀ(θ − θ̂))²] that the exact σ² update adds to the residuals.
+        ``(mean over persons of Vᵢ (dim,), Σᵢ Σ_k Hᵢₖ Vᵢₖ / N)``: the second term is the mean
+        expected excess loss E[l(θ)] − l(θ̂) ≈ ½ tr(∂²l V) under the posterior, which the σ²
+        update (σ² = mean loss) adds to the loss at the modes — for squared error exactly the
+        predictive variance E[(gᵀ(θ − θ̂))²] of the linear mixed model's σ² update.
     """
-    V = 1.0 / (sq_grads / sigma2 + 1.0 / Sigma)  # (n_persons, dim)
-    return V.mean(dim=0), float((sq_grads * V).sum()) / max(n_items, 1)
+    V = 1.0 / (curvature / sigma2 + 1.0 / Sigma)  # (n_persons, dim)
+    return V.mean(dim=0), float((curvature * V).sum()) / max(n_items, 1)
+
+
+def fisher_curvature(
+    grads: torch.Tensor, persons: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Accumulate ½ (∂lⱼ/∂θⁱ)² of items into their persons' rows of ``out`` (in place).
+
+    Args:
+        grads: ``(b, dim)`` per-item gradients of the item's loss w.r.t. its person's θⁱ.
+        persons: ``(b,) long`` the item's person.
+        out: ``(n_persons, dim)`` running curvature (see :func:`laplace_posterior`).
+    """
+    return out.index_add_(0, persons, 0.5 * grads * grads)

@@ -86,3 +86,114 @@ def simulate_mood(
         }
     )
     return data, truth
+
+
+SEQUENCE_STATES = ["other", "aggressive", "dysphoric", "positive"]
+"""States of :func:`simulate_sequences`, in the row/column order of its transition matrices."""
+
+TRANSITION_COLUMNS = [f"p_{a}_{b}" for a in SEQUENCE_STATES for b in SEQUENCE_STATES]
+"""Truth columns of :func:`simulate_sequences`: P(from a to b), row-major over the states."""
+
+# Group transition probabilities (rows: from, columns: to, order SEQUENCE_STATES). Depressed
+# persons move into and stay in aggressive/dysphoric more often and reach positive less; these
+# differences are what the tests expect the learned person-specific transitions to recover.
+_GROUP_TRANSITIONS = {
+    "control": np.array([
+        [0.60, 0.05, 0.10, 0.25],
+        [0.40, 0.30, 0.10, 0.20],
+        [0.40, 0.10, 0.30, 0.20],
+        [0.30, 0.05, 0.05, 0.60],
+    ]),
+    "depressed": np.array([
+        [0.45, 0.20, 0.25, 0.10],
+        [0.20, 0.50, 0.20, 0.10],
+        [0.20, 0.20, 0.50, 0.10],
+        [0.35, 0.15, 0.15, 0.35],
+    ]),
+}
+
+
+def _stationary(p: np.ndarray) -> np.ndarray:
+    """Stationary distribution of a row-stochastic matrix ``p: (S, S)`` -> ``(S,)``."""
+    vals, vecs = np.linalg.eig(p.T)
+    v = np.abs(np.real(vecs[:, np.argmin(np.abs(vals - 1.0))]))
+    return v / v.sum()
+
+
+def simulate_sequences(
+    n_persons: int = 100,
+    n_sequences: int = 10,
+    length: int = 30,
+    seed: int = 0,
+    depressed_share: float = 0.5,
+    person_noise: float = 0.5,
+    n_features: int = 6,
+    signal: float = 1.0,
+    noise: float = 1.0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labelled state sequences (e.g. turns of family conversations) with person-specific dynamics.
+
+    Each person belongs to group ``"depressed"`` or ``"control"``; their transition matrix is
+    the group's (see ``_GROUP_TRANSITIONS``) with log-normal noise per entry,
+    Pⁱ ∝ P_group · exp(N(0, ``person_noise``²)), renormalised per row. A sequence starts in a
+    state drawn from the person's stationary distribution and follows the Markov chain Pⁱ.
+
+    Features of a segment in state s: the first four are ``signal``·onehot(s) + N(0, ``noise``²)
+    (one noisy indicator per state), the remaining ``n_features - 4`` are pure noise. With the
+    defaults a per-segment classifier is right only about half of the time, so the transitions
+    (and a person's own transitions) carry much of the information.
+
+    Returns:
+        ``(data, truth)``. ``data``: one row per segment, sorted by person, sequence, position:
+        ``person`` (str, ``"p0001"``…), ``sequence_id`` (int, unique over the data),
+        ``position`` (0-based), ``f0``…``f{n_features-1}``, ``label`` (a state name).
+        ``truth``: indexed by person, ``group`` and the true transition probabilities in
+        :data:`TRANSITION_COLUMNS` (reshape to ``(n, 4, 4)`` for matrices).
+    """
+    if n_persons < 1 or n_sequences < 1 or length < 1:
+        raise ValueError("n_persons, n_sequences and length must be at least 1")
+    if n_features < len(SEQUENCE_STATES):
+        raise ValueError(f"n_features must be at least {len(SEQUENCE_STATES)}")
+    if not 0.0 <= depressed_share <= 1.0:
+        raise ValueError("depressed_share must be in [0, 1]")
+    rng = np.random.default_rng(seed)
+    n_states = len(SEQUENCE_STATES)
+    persons = np.array([f"p{k + 1:04d}" for k in range(n_persons)])
+    n_depressed = int(round(depressed_share * n_persons))
+    groups = np.array(["depressed"] * n_depressed + ["control"] * (n_persons - n_depressed))
+    rng.shuffle(groups)
+    base = np.stack([_GROUP_TRANSITIONS[g] for g in groups])  # (n, S, S)
+    trans = base * np.exp(rng.normal(0.0, person_noise, base.shape))
+    trans /= trans.sum(axis=-1, keepdims=True)
+
+    n_seq = n_persons * n_sequences
+    owner = np.repeat(np.arange(n_persons), n_sequences)  # (n_seq,)
+    # Inverse-CDF sampling, vectorised over all sequences: the only loop runs over positions.
+    first = np.stack([_stationary(t) for t in trans]).cumsum(-1)  # (n, S)
+    cum = trans.cumsum(-1)  # (n, S, S)
+    labels = np.empty((n_seq, length), dtype=np.int64)
+    u = rng.random((n_seq, length))
+    labels[:, 0] = (u[:, :1] > first[owner]).sum(-1)
+    for t in range(1, length):
+        rows = cum[owner, labels[:, t - 1]]  # (n_seq, S)
+        labels[:, t] = (u[:, t : t + 1] > rows).sum(-1)
+    labels = labels.clip(max=n_states - 1)  # guards the rounding of cumsum to 1 - eps
+
+    flat = labels.ravel()
+    x = rng.normal(0.0, noise, (flat.size, n_features))
+    x[np.arange(flat.size), flat] += signal
+    data = pd.DataFrame(
+        {
+            "person": persons[np.repeat(owner, length)],
+            "sequence_id": np.repeat(np.arange(n_seq), length),
+            "position": np.tile(np.arange(length), n_seq),
+            **{f"f{k}": x[:, k].round(4) for k in range(n_features)},
+            "label": np.asarray(SEQUENCE_STATES, dtype=object)[flat],
+        }
+    )
+    truth = pd.DataFrame(
+        trans.reshape(n_persons, -1), columns=TRANSITION_COLUMNS,
+        index=pd.Index(persons, name="person"),
+    )
+    truth.insert(0, "group", groups)
+    return data, truth

@@ -15,16 +15,29 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from nme.objective import laplace_posterior, m_step, nme_batch_loss
+from nme.objective import (
+    M_STEPS,
+    NLL_SIGMA2,
+    SIGMA2_RULES,
+    fisher_curvature,
+    laplace_posterior,
+    m_step,
+    nme_batch_loss,
+)
 from nme.personalize import PersonalizedModule
 from nme.persons import Gathered, RowAdam
 
-ItemLoss = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | Gathered]]
-"""``idx: (b,) long`` -> ``(losses (b,), rows)`` in the module's current mode; rows are
-``(b, dim)`` or a :class:`~nme.persons.Gathered` (see ``PersonalizedModule.forward``)."""
+ItemLoss = Callable[..., tuple[torch.Tensor, torch.Tensor | Gathered]]
+"""``item_loss(idx, effects=None)``: ``idx: (b,) long`` -> ``(losses (b,), rows)`` in the
+module's current mode; rows are ``(b, dim)`` or a :class:`~nme.persons.Gathered` (see
+``PersonalizedModule.forward``). With ``effects: (b, dim)`` the items use those θⁱ rows instead
+of the table's (item b's loss must depend on row b only): the generic Laplace M-step gets every
+item's own gradient from one backward pass this way."""
 
 SquaredGrads = Callable[[], torch.Tensor]
-"""Returns ``(n_persons, dim)``: per person, Σⱼ (∂f(Xⁱⱼ)/∂θⁱ)² (for the Laplace M-step)."""
+"""Returns ``(n_persons, dim)``: the curvature Hᵢ of :func:`nme.objective.laplace_posterior`
+(for squared error the exact Gauss–Newton Σⱼ (∂f(Xⁱⱼ)/∂θⁱ)²); without it the Laplace M-step
+uses the empirical Fisher of ``item_loss``."""
 
 Validate = Callable[[], dict[str, float]]
 """Returns at least ``{"val_loss": …}`` (lower is better) and optionally ``"val_metric"``."""
@@ -44,6 +57,9 @@ class TrainConfig:
     verbose: bool = False
     eval_batch_size: int = 8192
     m_step: str = "paper"
+    """See :data:`nme.objective.M_STEPS`."""
+    sigma2: str = "mean_loss"
+    """See :data:`nme.objective.SIGMA2_RULES`."""
     batching: str = "random"
     """``"random"``: batches drawn from all items; ``"person"``: each batch holds whole runs of
     a few persons' items (persons in random order, items shuffled within person). Eq. 2's
@@ -69,6 +85,32 @@ def _mean_loss(item_loss: ItemLoss, n_items: int, chunk: int, device: torch.devi
         losses, _ = item_loss(idx)
         total += float(losses.sum())
     return total / max(n_items, 1)
+
+
+def empirical_fisher(
+    module: PersonalizedModule,
+    persons: torch.Tensor,
+    item_loss: ItemLoss,
+    chunk: int,
+) -> torch.Tensor:
+    """``(n_persons, dim)`` per person ½ Σⱼ (∂lⱼ/∂θⁱ)², the Fisher curvature of the Laplace M-step.
+
+    Per-item gradients without vmap: every item gets its own copy of its person's row as a leaf
+    (``effects=``); item b's loss depends on row b only, so one backward of the summed losses
+    leaves each item's own gradient in its row.
+    """
+    table = module.persons.weight.detach()
+    out = torch.zeros_like(table)
+    n_items = persons.shape[0]
+    with torch.enable_grad():
+        for start in range(0, n_items, chunk):
+            idx = torch.arange(start, min(start + chunk, n_items), device=persons.device)
+            p = persons[idx]
+            rows = table[p].clone().requires_grad_(True)  # (b, dim)
+            losses, _ = item_loss(idx, rows)
+            (grads,) = torch.autograd.grad(losses.sum(), rows)
+            fisher_curvature(grads, p, out)
+    return out
 
 
 def _epoch_order(persons: torch.Tensor, batching: str, gen: torch.Generator) -> torch.Tensor:
@@ -103,7 +145,8 @@ def fit_loop(
         validate: evaluates the current module on held-out data (eval mode is set for it);
             enables early stopping with ``config.patience`` and restores the best epoch.
         callback: called with each epoch's history record (progress reporting).
-        squared_grads: needed for ``config.m_step == "laplace"`` (see
+        squared_grads: the exact curvature for ``config.m_step == "laplace"`` (regression's
+            Gauss–Newton); None uses the empirical Fisher of ``item_loss`` (see
             :func:`nme.objective.laplace_posterior`).
 
     Returns:
@@ -111,17 +154,18 @@ def fit_loop(
     """
     if config.batching not in ("random", "person"):
         raise ValueError(f"batching must be 'random' or 'person', got {config.batching!r}")
-    if config.m_step not in ("paper", "laplace"):
-        raise ValueError(f"m_step must be 'paper' or 'laplace', got {config.m_step!r}")
-    if config.m_step == "laplace" and squared_grads is None:
-        raise ValueError("the Laplace M-step needs squared_grads (regression only)")
+    if config.m_step not in M_STEPS:
+        raise ValueError(f"m_step must be one of {M_STEPS}, got {config.m_step!r}")
+    if config.sigma2 not in SIGMA2_RULES:
+        raise ValueError(f"sigma2 must be one of {SIGMA2_RULES}, got {config.sigma2!r}")
+    fixed_sigma2 = NLL_SIGMA2 if config.sigma2 == "nll" else None
     device = persons.device
     n_items = persons.shape[0]
     dim = module.effect_dim
     n_obs = torch.bincount(persons, minlength=module.persons.n_persons).to(torch.float32)
     n_obs_items = n_obs[persons]  # (n_items,)
     penalised = module.method == "nme"
-    sigma2 = 1.0
+    sigma2 = fixed_sigma2 if fixed_sigma2 is not None else 1.0
     Sigma = torch.ones(dim, device=device)
 
     generic = module.generic_parameters()
@@ -175,9 +219,13 @@ def fit_loop(
                 mean = record["train_loss"]
                 posterior = None
                 if config.m_step == "laplace" and dim:
-                    posterior = laplace_posterior(squared_grads(), sigma2, Sigma, n_items)
+                    curvature = (
+                        squared_grads() if squared_grads is not None
+                        else empirical_fisher(module, persons, item_loss, config.eval_batch_size)
+                    )
+                    posterior = laplace_posterior(curvature, sigma2, Sigma, n_items)
                 sigma2, Sigma = m_step(
-                    mean, module.persons.weight, Sigma, config.anneal, posterior
+                    mean, module.persons.weight, Sigma, config.anneal, posterior, fixed_sigma2
                 )
             record["sigma2"] = sigma2
             record["Sigma_mean"] = float(Sigma.mean()) if dim else 0.0

@@ -1,0 +1,95 @@
+"""Model definitions and their versions (listing, activation/rollback)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from service import store
+from service.api.deps import AdminKey, AnyKey, ModelDep, PredictorDep, SessionDep
+from service.errors import Conflict, NotFound
+from service.estimators import resolve_settings
+from service.schemas import (
+    ModelCreate,
+    ModelPublic,
+    ModelsPublic,
+    VersionPublic,
+    VersionsPublic,
+)
+from service.tables import Model
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def model_public(model: Model, active_version: int | None) -> ModelPublic:
+    """A model row as the API shows it."""
+    return ModelPublic(
+        name=model.name,
+        task=model.task,
+        features=model.features,
+        classes=model.classes,
+        states=model.states,
+        architecture=model.architecture,
+        training=model.training,
+        active_version=active_version,
+        created_at=model.created_at,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ModelPublic)
+def create_model(_key: AdminKey, body: ModelCreate, session: SessionDep) -> ModelPublic:
+    """Define a model: task, ordered features, classes/states, architecture, training."""
+    if store.get_model(session, name=body.name) is not None:
+        raise Conflict(f"model {body.name!r} already exists")
+    architecture, training = resolve_settings(
+        body.task, body.architecture.model_dump(), body.training.model_dump()
+    )
+    model = store.add_model(
+        session,
+        name=body.name,
+        task=body.task,
+        features=body.features,
+        classes=body.classes,
+        states=body.states,
+        architecture=architecture,
+        training=training,
+    )
+    session.commit()
+    return model_public(model, None)
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(_key: AnyKey, session: SessionDep) -> ModelsPublic:
+    """All models with their active version."""
+    models = store.list_models(session)
+    active = store.active_version_numbers(session, model_ids=[m.id for m in models])
+    data = [model_public(m, active.get(m.id)) for m in models]
+    return ModelsPublic(data=data, count=len(data))
+
+
+@router.get("/{name}", response_model=ModelPublic)
+def get_model(_key: AnyKey, model: ModelDep, session: SessionDep) -> ModelPublic:
+    """One model."""
+    active = store.get_active_version(session, model_id=model.id)
+    return model_public(model, active.version if active else None)
+
+
+@router.get("/{name}/versions", response_model=VersionsPublic)
+def list_versions(_key: AnyKey, model: ModelDep, session: SessionDep) -> VersionsPublic:
+    """A model's versions, newest first."""
+    versions = store.list_versions(session, model_id=model.id)
+    data = [VersionPublic.model_validate(v, from_attributes=True) for v in versions]
+    return VersionsPublic(data=data, count=len(data))
+
+
+@router.post("/{name}/versions/{version}/activate", response_model=VersionPublic)
+def activate_version(
+    _key: AdminKey, model: ModelDep, version: int, session: SessionDep, predictor: PredictorDep
+) -> VersionPublic:
+    """Serve predictions from ``version`` (also the rollback to an older version)."""
+    row = store.get_version(session, model_id=model.id, version=version)
+    if row is None:
+        raise NotFound(f"model {model.name!r} has no version {version}")
+    store.activate_version(session, version=row)
+    session.commit()
+    predictor.forget(model.id)
+    return VersionPublic.model_validate(row, from_attributes=True)

@@ -1,0 +1,64 @@
+"""What a model knows about a user, and forgetting a user everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Response, status
+
+from service import store
+from service.api.deps import AdminKey, ModelDep, PredictKey, PredictorDep, SessionDep
+from service.errors import NotFound
+from service.predictor import user_bias, user_transitions
+from service.schemas import UserModelPublic
+
+router = APIRouter(prefix="/v1", tags=["users"])
+
+
+@router.get("/models/{name}/users/{user_id}", response_model=UserModelPublic)
+def get_user(
+    _key: PredictKey,
+    model: ModelDep,
+    user_id: str,
+    session: SessionDep,
+    predictor: PredictorDep,
+) -> UserModelPublic:
+    """Number of labels, whether personalised, and the user's baseline shift (bias)."""
+    user = store.get_user(session, external_id=user_id)
+    if user is None:
+        raise NotFound(f"user {user_id!r} not found")
+    n_labels = store.count_labels(session, model_id=model.id, user_id=user.id)
+    version = store.get_active_version(session, model_id=model.id)
+    if version is None:
+        return UserModelPublic(
+            model=model.name,
+            user_id=user_id,
+            n_labels=n_labels,
+            personalized=False,
+            version=None,
+            bias=None,
+        )
+    param = store.get_person_param(session, version_id=version.id, user_id=user.id)
+    # A writable copy: torch warns on (and must not write into) a read-only buffer.
+    effects = None if param is None else np.frombuffer(param.effects, dtype="<f4").copy()
+    loaded = predictor.load(version)
+    sequence = model.task == "sequence"
+    return UserModelPublic(
+        model=model.name,
+        user_id=user_id,
+        n_labels=n_labels,
+        personalized=param is not None,
+        version=version.version,
+        bias=None if sequence else user_bias(model, loaded, effects),
+        transitions=user_transitions(loaded, effects) if sequence else None,
+    )
+
+
+@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_user(_key: AdminKey, user_id: str, session: SessionDep) -> Response:
+    """Forget a user: observations, sequences and θⁱ rows in every model and version."""
+    user = store.get_user(session, external_id=user_id)
+    if user is None:
+        raise NotFound(f"user {user_id!r} not found")
+    store.delete_user(session, user=user)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,23 @@
+"""Creating and revoking API keys (used by the CLI, the demo and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy.orm import Session
+
+from service import store
+from service.auth import generate_key, key_prefix
+
+
+def create_key(session: Session, *, name: str, scopes: Sequence[str]) -> str:
+    """Store a new key's hash and return the plaintext (the only time it exists)."""
+    new = generate_key()
+    store.add_api_key(session, name=name, prefix=new.prefix, key_hash=new.key_hash, scopes=scopes)
+    return new.plaintext
+
+
+def revoke_key(session: Session, *, key_or_prefix: str) -> bool:
+    """Revoke by the full key or its public prefix; False if no such key exists."""
+    prefix = key_prefix(key_or_prefix) or key_or_prefix
+    return store.revoke_api_key(session, prefix=prefix) is not None

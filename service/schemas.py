@@ -1,0 +1,380 @@
+"""Request and response bodies (the wire contract). Per entity: XCreate, XPublic, XsPublic.
+
+Schema-independent checks live here (types, finiteness, non-empty batches); checks that need
+the model's feature schema live in ``service.validation``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["mood"])]
+UserId = Annotated[str, Field(min_length=1, max_length=128, examples=["u1"])]
+Name = Annotated[str, Field(min_length=1, max_length=64)]
+# strict: "1.5" and true are type errors, not silently coerced; NaN and ±inf are refused.
+FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Features = Annotated[
+    dict[str, FeatureValue],
+    Field(examples=[{"typing_speed": 1.2, "screen_minutes": 310.0, "km": 4.5}]),
+]
+
+
+class Strict(BaseModel):
+    """Request bodies refuse unknown keys, so a typo is a 422 rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _unique(values: list[str] | None, what: str) -> None:
+    if values is not None and len(set(values)) != len(values):
+        duplicates = sorted({v for v in values if values.count(v) > 1})
+        raise ValueError(f"{what} must be unique; repeated: {', '.join(duplicates)}")
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+class ArchitectureSpec(Strict):
+    """Network shape and where person-specific parameters θⁱ live.
+
+    Omitted fields take the estimator's defaults at creation time (``nme.NMERegressor``,
+    ``NMEClassifier`` or ``NMESequenceTagger``); the resolved values are stored with the model,
+    so every refit of it trains the same way.
+    """
+
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        default=None, max_length=8, description="Hidden layer sizes."
+    )
+    placement: str | list[str] | None = Field(
+        default=None,
+        description="`last`, `all`, or parameter names; sequence models also `T`, `last+T`, "
+        "`all+T`, `none`.",
+    )
+    method: Literal["generic", "specific", "unme", "nme", "mlp-lme"] | None = None
+    activation: Literal["relu", "tanh", "gelu"] | None = None
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    learn_start_end: bool | None = Field(
+        default=None, description="Sequence models: learn start/end scores (else uniform)."
+    )
+    forbidden_transitions: list[tuple[Name, Name]] | None = Field(
+        default=None,
+        description="Sequence models: `[from_state, to_state]` pairs that never occur; training "
+        "and decoding respect them.",
+    )
+
+
+class TrainingSpec(Strict):
+    """Optimiser and stopping hyper-parameters (omitted: the estimator's defaults)."""
+
+    max_epochs: int | None = Field(default=None, ge=1, le=10_000)
+    lr: float | None = Field(default=None, gt=0.0, le=1.0)
+    weight_decay: float | None = Field(default=None, ge=0.0)
+    batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    patience: int | None = Field(default=None, ge=1)
+    anneal: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="Σ annealing factor α; null: plain EM."
+    )
+    random_state: int | None = Field(default=None, description="Seed (the service uses 0).")
+
+
+class ModelCreate(Strict):
+    """A new model: its task, ordered feature names, classes or states, and how to train it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "mood",
+                    "task": "regression",
+                    "features": ["typing_speed", "screen_minutes", "km"],
+                    "classes": None,
+                    "states": None,
+                    "architecture": {"hidden": [64, 64], "placement": "last", "method": "nme"},
+                    "training": {"max_epochs": 200, "lr": 0.001},
+                }
+            ]
+        },
+    )
+
+    name: ModelName
+    task: Literal["regression", "classification", "sequence"]
+    features: list[Name] = Field(min_length=1, max_length=10_000)
+    classes: list[Name] | None = None
+    states: list[Name] | None = None
+    architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> ModelCreate:
+        _unique(self.features, "features")
+        _unique(self.classes, "classes")
+        _unique(self.states, "states")
+        needs = {"classification": "classes", "sequence": "states"}.get(self.task)
+        for field in ("classes", "states"):
+            values = getattr(self, field)
+            if field == needs and (values is None or len(values) < 2):
+                raise ValueError(f"a {self.task} model needs at least two {field}")
+            if field != needs and values is not None:
+                raise ValueError(f"{field} must be null for a {self.task} model")
+        if self.architecture.method == "mlp-lme" and self.task != "regression":
+            raise ValueError("method mlp-lme is for regression models only")
+        sequence_only = ("learn_start_end", "forbidden_transitions")
+        if self.task != "sequence" and any(getattr(self.architecture, f) for f in sequence_only):
+            raise ValueError("learn_start_end and forbidden_transitions are for sequence models")
+        unknown = sorted(
+            {s for pair in self.architecture.forbidden_transitions or [] for s in pair}
+            - set(self.states or [])
+        )
+        if unknown:
+            raise ValueError(f"forbidden_transitions name unknown states: {', '.join(unknown)}")
+        return self
+
+
+class ModelPublic(BaseModel):
+    """A model as the API shows it."""
+
+    name: str
+    task: str
+    features: list[str]
+    classes: list[str] | None
+    states: list[str] | None
+    architecture: dict[str, Any]
+    training: dict[str, Any]
+    active_version: int | None
+    created_at: datetime
+
+
+class ModelsPublic(BaseModel):
+    """A list of models."""
+
+    data: list[ModelPublic]
+    count: int
+
+
+class VersionPublic(BaseModel):
+    """One trained version of a model."""
+
+    version: int
+    status: Literal["ready", "active"]
+    metrics: dict[str, Any]
+    artifact_sha256: str
+    n_users: int
+    n_observations: int
+    trained_until: datetime
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class VersionsPublic(BaseModel):
+    """A model's versions, newest first."""
+
+    data: list[VersionPublic]
+    count: int
+
+
+class RefitPublic(BaseModel):
+    """The version a refit produced."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"version": 1, "status": "active", "metrics": {"val_score": -7.9}}]
+        }
+    )
+
+    version: int
+    status: Literal["ready", "active"]
+    metrics: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------- ingest
+
+
+class ObservationCreate(Strict):
+    """One user-day: features and, when the user rated their mood, the label."""
+
+    user_id: UserId
+    day: date
+    features: Features
+    label: FeatureValue | Name | None = Field(
+        default=None, description="A number (regression) or a class name (classification)."
+    )
+
+
+class ObservationsCreate(Strict):
+    """A batch of observations (at most ``NME_MAX_BATCH``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "user_id": "u1",
+                            "day": "2026-11-01",
+                            "features": {"typing_speed": 1.2, "screen_minutes": 310.0, "km": 4.5},
+                            "label": 62.0,
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    items: list[ObservationCreate] = Field(min_length=1)
+
+
+class IngestPublic(BaseModel):
+    """What an upsert did: new rows, and existing rows whose content changed."""
+
+    inserted: int
+    updated: int
+
+
+class SegmentIn(Strict):
+    """One segment of a sequence."""
+
+    features: Features
+
+
+class SequenceCreate(Strict):
+    """One sequence of segments with optional per-segment state labels."""
+
+    user_id: UserId
+    sequence_id: Annotated[str, Field(min_length=1, max_length=128)]
+    segments: list[SegmentIn] = Field(min_length=1)
+    labels: list[Name] | None = None
+
+    @model_validator(mode="after")
+    def _one_label_per_segment(self) -> SequenceCreate:
+        if self.labels is not None and len(self.labels) != len(self.segments):
+            raise ValueError(
+                f"labels has {len(self.labels)} entries but segments has {len(self.segments)}"
+            )
+        return self
+
+
+class SequencesCreate(Strict):
+    """A batch of sequences."""
+
+    items: list[SequenceCreate] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------------- serving
+
+
+class PredictItem(Strict):
+    """One user's features for today."""
+
+    user_id: UserId
+    features: Features
+
+
+class PredictRequest(Strict):
+    """A batch of users to predict for, answered with one forward pass."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "user_id": "u1",
+                            "features": {"typing_speed": 1.2, "screen_minutes": 310.0, "km": 4.5},
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    items: list[PredictItem] = Field(min_length=1)
+
+
+class PredictionPublic(BaseModel):
+    """One prediction; ``probabilities`` only for classification models."""
+
+    user_id: str
+    prediction: float | str
+    personalized: bool
+    probabilities: dict[str, float] | None = None
+
+
+class PredictionsPublic(BaseModel):
+    """Predictions and the version that made them."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "mood",
+                    "version": 3,
+                    "predictions": [{"user_id": "u1", "prediction": 61.2, "personalized": True}],
+                }
+            ]
+        }
+    )
+
+    model: str
+    version: int
+    predictions: list[PredictionPublic]
+
+
+class DecodeRequest(Strict):
+    """A sequence to decode for one user."""
+
+    user_id: UserId
+    segments: list[SegmentIn] = Field(min_length=1)
+    marginals: bool = False
+
+
+class DecodePublic(BaseModel):
+    """The Viterbi path as state names, its score, optionally per-segment marginals."""
+
+    model: str
+    version: int
+    personalized: bool
+    path: list[str]
+    score: float
+    marginals: list[dict[str, float]] | None
+
+
+class UserModelPublic(BaseModel):
+    """What one model knows about one user."""
+
+    model: str
+    user_id: str
+    n_labels: int
+    personalized: bool
+    version: int | None = Field(description="The active version these numbers come from.")
+    bias: float | dict[str, float] | None = Field(
+        description="The user's baseline shift: label scale (regression) or per-class logits "
+        "(classification); 0 for a user without θⁱ; null without an active version and for "
+        "sequence models (see transitions)."
+    )
+    transitions: list[list[float]] | None = Field(
+        default=None, description="Sequence models: the user's state-transition probabilities."
+    )
+
+
+# ---------------------------------------------------------------------------------- health
+
+
+class HealthPublic(BaseModel):
+    """Liveness."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ReadyPublic(BaseModel):
+    """Readiness: the database answers and its schema is at the packaged head."""
+
+    status: Literal["ready", "unavailable"]
+    database: bool
+    schema_revision: str | None
+    expected_revision: str

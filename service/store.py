@@ -1,0 +1,431 @@
+"""Data-access functions. All are keyword-only, flush but never commit: the route or job that
+calls them commits once, which is what makes e.g. "a new version and all its θⁱ rows" one
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.tables import (
+    ApiKey,
+    Model,
+    ModelVersion,
+    Observation,
+    PersonParam,
+    User,
+    utcnow,
+)
+from service.tables import Sequence as SequenceRow
+
+# ---------------------------------------------------------------------------------- API keys
+
+
+def add_api_key(
+    session: Session, *, name: str, prefix: str, key_hash: str, scopes: Sequence[str]
+) -> ApiKey:
+    """Store a new API key (its hash only)."""
+    key = ApiKey(name=name, prefix=prefix, key_hash=key_hash, scopes=list(scopes))
+    session.add(key)
+    session.flush()
+    return key
+
+
+def get_api_key(session: Session, *, prefix: str) -> ApiKey | None:
+    """The key with this public prefix, revoked or not."""
+    return session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+
+
+def revoke_api_key(session: Session, *, prefix: str) -> ApiKey | None:
+    """Mark the key revoked (idempotent); None if there is no such key."""
+    key = get_api_key(session, prefix=prefix)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def add_model(
+    session: Session,
+    *,
+    name: str,
+    task: str,
+    features: Sequence[str],
+    classes: Sequence[str] | None,
+    states: Sequence[str] | None,
+    architecture: Mapping[str, Any],
+    training: Mapping[str, Any],
+) -> Model:
+    """Create a model definition (no versions yet)."""
+    model = Model(
+        name=name,
+        task=task,
+        features=list(features),
+        classes=list(classes) if classes is not None else None,
+        states=list(states) if states is not None else None,
+        architecture=dict(architecture),
+        training=dict(training),
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(session: Session, *, name: str) -> Model | None:
+    """The model called ``name``."""
+    return session.scalar(select(Model).where(Model.name == name))
+
+
+def list_models(session: Session) -> list[Model]:
+    """All models, by name."""
+    return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+# Hot-path statements are built once: constructing a SELECT costs more Python time than
+# SQLite takes to run it. Values go in as bound parameters.
+_MODEL_WITH_ACTIVE_VERSION = (
+    select(Model, ModelVersion)
+    .outerjoin(
+        ModelVersion,
+        (ModelVersion.model_id == Model.id) & (ModelVersion.status == "active"),
+    )
+    .where(Model.name == bindparam("name"))
+)
+
+
+def get_model_with_active_version(
+    session: Session, *, name: str
+) -> tuple[Model, ModelVersion | None] | None:
+    """The model and its active version in one round trip (the prediction hot path)."""
+    row = session.execute(_MODEL_WITH_ACTIVE_VERSION, {"name": name}).first()
+    return None if row is None else (row[0], row[1])
+
+
+# ---------------------------------------------------------------------------------- versions
+
+
+def get_active_version(session: Session, *, model_id: int) -> ModelVersion | None:
+    """The version currently answering predictions for a model."""
+    return session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.model_id == model_id, ModelVersion.status == "active"
+        )
+    )
+
+
+def active_version_numbers(session: Session, *, model_ids: Iterable[int]) -> dict[int, int]:
+    """Map model id → active version number, for the models that have one."""
+    rows = session.execute(
+        select(ModelVersion.model_id, ModelVersion.version).where(
+            ModelVersion.model_id.in_(list(model_ids)), ModelVersion.status == "active"
+        )
+    )
+    return {model_id: version for model_id, version in rows}
+
+
+def get_version(session: Session, *, model_id: int, version: int) -> ModelVersion | None:
+    """One version of a model by its number."""
+    return session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.model_id == model_id, ModelVersion.version == version
+        )
+    )
+
+
+def list_versions(session: Session, *, model_id: int) -> list[ModelVersion]:
+    """All versions of a model, newest first."""
+    return list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.model_id == model_id)
+            .order_by(ModelVersion.version.desc())
+        )
+    )
+
+
+def add_version(
+    session: Session,
+    *,
+    model_id: int,
+    metrics: Mapping[str, Any],
+    artifact_path: str,
+    artifact_sha256: str,
+    n_users: int,
+    n_observations: int,
+    trained_until: datetime,
+) -> ModelVersion:
+    """Add the model's next version (status ``ready``).
+
+    The number is max + 1; two concurrent refits of one model collide on the unique
+    (model_id, version) constraint at flush, and the loser's transaction rolls back whole.
+    """
+    latest = session.scalar(
+        select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model_id)
+    )
+    row = ModelVersion(
+        model_id=model_id,
+        version=(latest or 0) + 1,
+        status="ready",
+        metrics=dict(metrics),
+        artifact_path=artifact_path,
+        artifact_sha256=artifact_sha256,
+        n_users=n_users,
+        n_observations=n_observations,
+        trained_until=trained_until,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def activate_version(session: Session, *, version: ModelVersion) -> ModelVersion:
+    """Make ``version`` the model's active one; the previously active one becomes ``ready``."""
+    # Demote first and flush: the partial unique index allows one active row per model.
+    session.execute(
+        update(ModelVersion)
+        .where(
+            ModelVersion.model_id == version.model_id,
+            ModelVersion.status == "active",
+            ModelVersion.id != version.id,
+        )
+        .values(status="ready")
+        .execution_options(synchronize_session="fetch")
+    )
+    session.flush()
+    if version.status != "active":
+        version.status = "active"
+        version.activated_at = utcnow()
+    session.flush()
+    return version
+
+
+# ---------------------------------------------------------------------------------- users
+
+
+def get_user(session: Session, *, external_id: str) -> User | None:
+    """The user with the app's id ``external_id``."""
+    return session.scalar(select(User).where(User.external_id == external_id))
+
+
+def ensure_users(session: Session, *, external_ids: Iterable[str]) -> dict[str, int]:
+    """Map each external id to its user row id, creating the missing users.
+
+    Concurrent ingests may create the same user: the insert ignores conflicts and the ids are
+    read back afterwards.
+    """
+    wanted = sorted(set(external_ids))
+    if not wanted:
+        return {}
+    found = _user_ids(session, wanted)
+    missing = [external_id for external_id in wanted if external_id not in found]
+    if missing:
+        now = utcnow()
+        statement = _insert(session, User.__table__).on_conflict_do_nothing(
+            index_elements=["external_id"]
+        )
+        session.execute(statement, [{"external_id": e, "created_at": now} for e in missing])
+        found.update(_user_ids(session, missing))
+    return found
+
+
+def _user_ids(session: Session, external_ids: Sequence[str]) -> dict[str, int]:
+    rows = session.execute(
+        select(User.external_id, User.id).where(User.external_id.in_(external_ids))
+    )
+    return {external_id: user_id for external_id, user_id in rows}
+
+
+def delete_user(session: Session, *, user: User) -> None:
+    """Forget a user: the database cascades to observations, sequences, θⁱ rows and jobs."""
+    session.execute(delete(User).where(User.id == user.id))
+    session.expunge(user)
+    session.flush()
+
+
+def count_labels(session: Session, *, model_id: int, user_id: int) -> int:
+    """How many labelled observations (or labelled sequences) a user has for a model."""
+    observations = session.scalar(
+        select(func.count()).where(
+            Observation.model_id == model_id,
+            Observation.user_id == user_id,
+            Observation.label.is_not(None),
+        )
+    )
+    sequences = session.scalar(
+        select(func.count()).where(
+            SequenceRow.model_id == model_id,
+            SequenceRow.user_id == user_id,
+            SequenceRow.labels.is_not(None),
+        )
+    )
+    return int(observations or 0) + int(sequences or 0)
+
+
+# ---------------------------------------------------------------------------------- ingest
+
+
+@dataclass(frozen=True)
+class UpsertCounts:
+    """How many rows an upsert inserted and how many it changed (unchanged rows count in
+    neither, so resending a batch is visibly a no-op)."""
+
+    inserted: int
+    updated: int
+
+
+def upsert_observations(
+    session: Session, *, model_id: int, rows: Sequence[Mapping[str, Any]]
+) -> UpsertCounts:
+    """Insert or update observations keyed on (model, user, day).
+
+    Args:
+        rows: dicts with ``user_id`` (row id), ``day``, ``features``, ``label``.
+    """
+    return _upsert(
+        session,
+        Observation.__table__,
+        [{"model_id": model_id, **row} for row in rows],
+        keys=("model_id", "user_id", "day"),
+        values=("features", "label"),
+    )
+
+
+def upsert_sequences(
+    session: Session, *, model_id: int, rows: Sequence[Mapping[str, Any]]
+) -> UpsertCounts:
+    """Insert or update sequences keyed on (model, user, sequence_id).
+
+    Args:
+        rows: dicts with ``user_id`` (row id), ``sequence_id``, ``segments``, ``labels``.
+    """
+    return _upsert(
+        session,
+        SequenceRow.__table__,
+        [{"model_id": model_id, **row} for row in rows],
+        keys=("model_id", "user_id", "sequence_id"),
+        values=("segments", "labels"),
+    )
+
+
+def _upsert(
+    session: Session,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    keys: tuple[str, ...],
+    values: tuple[str, ...],
+) -> UpsertCounts:
+    if not rows:
+        return UpsertCounts(inserted=0, updated=0)
+    now = utcnow()
+    for row in rows:
+        row["created_at"] = row["updated_at"] = now
+    statement = _insert(session, table)
+    changed = [table.c[name].is_distinct_from(statement.excluded[name]) for name in values]
+    statement = statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={name: statement.excluded[name] for name in (*values, "updated_at")},
+        # Only rows whose content differs are touched (and returned): a resend is a no-op.
+        where=or_(*changed),
+    ).returning(table.c.created_at == table.c.updated_at)
+    results = session.execute(statement, rows).scalars().all()
+    session.flush()
+    inserted = sum(1 for fresh in results if fresh)
+    return UpsertCounts(inserted=inserted, updated=len(results) - inserted)
+
+
+def _insert(session: Session, table: Table) -> Any:
+    """The dialect's INSERT (both SQLite and PostgreSQL support ON CONFLICT)."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def load_labelled_observations(
+    session: Session, *, model_id: int
+) -> list[Row[tuple[str, int, date, dict[str, float], Any]]]:
+    """All labelled observations of a model as (external id, user row id, day, features,
+    label), ordered by user and day (the refit splits each user's labels in time order)."""
+    statement = (
+        select(
+            User.external_id,
+            Observation.user_id,
+            Observation.day,
+            Observation.features,
+            Observation.label,
+        )
+        .join(User, User.id == Observation.user_id)
+        .where(Observation.model_id == model_id, Observation.label.is_not(None))
+        .order_by(User.external_id, Observation.day)
+    )
+    return list(session.execute(statement))
+
+
+def load_labelled_sequences(
+    session: Session, *, model_id: int
+) -> list[Row[tuple[str, int, list[dict[str, float]], list[str]]]]:
+    """All labelled sequences of a model as (external id, user row id, segments, labels),
+    per user in arrival order (the refit holds out each user's latest ones)."""
+    statement = (
+        select(User.external_id, SequenceRow.user_id, SequenceRow.segments, SequenceRow.labels)
+        .join(User, User.id == SequenceRow.user_id)
+        .where(SequenceRow.model_id == model_id, SequenceRow.labels.is_not(None))
+        .order_by(User.external_id, SequenceRow.created_at, SequenceRow.id)
+    )
+    return list(session.execute(statement))
+
+
+# ---------------------------------------------------------------------------------- θⁱ rows
+
+
+def add_person_params(
+    session: Session, *, version_id: int, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Bulk-insert θⁱ rows of a version.
+
+    Args:
+        rows: dicts with ``user_id`` (row id), ``effects`` (float32 bytes), ``n_obs``.
+    """
+    if not rows:
+        return
+    now = utcnow()
+    session.execute(
+        PersonParam.__table__.insert(),
+        [{"version_id": version_id, "updated_at": now, **row} for row in rows],
+    )
+    session.flush()
+
+
+def fetch_person_params(
+    session: Session, *, version_id: int, external_ids: Iterable[str]
+) -> dict[str, bytes]:
+    """θⁱ bytes of the given users in one version, in ONE query; absent users are omitted."""
+    wanted = list(set(external_ids))
+    if not wanted:
+        return {}
+    rows = session.execute(_PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted})
+    return {external_id: bytes(effects) for external_id, effects in rows}
+
+
+_PERSON_PARAMS = (
+    select(User.external_id, PersonParam.effects)
+    .join(PersonParam, PersonParam.user_id == User.id)
+    .where(
+        PersonParam.version_id == bindparam("version_id"),
+        User.external_id.in_(bindparam("external_ids", expanding=True)),
+    )
+)
+
+
+def get_person_param(session: Session, *, version_id: int, user_id: int) -> PersonParam | None:
+    """One user's θⁱ row in one version."""
+    return session.get(PersonParam, (version_id, user_id))

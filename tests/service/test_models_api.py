@@ -1,0 +1,134 @@
+"""Model definitions: create, list, get, versions, activation (rollback), OpenAPI docs."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nme import NMERegressor
+from tests.service.factories import create_model, features, model_payload, predict, refit
+
+
+def test_create_model_is_201_with_the_contract_shape(client: TestClient, auth: Callable) -> None:
+    response = client.post("/v1/models", json=model_payload(), headers=auth("admin"))
+    assert response.status_code == 201
+    body = response.json()
+    assert body["name"] == "mood"
+    assert body["task"] == "regression"
+    assert body["features"] == ["weekday", "typing_speed", "screen_minutes", "gps_km"]
+    assert body["active_version"] is None
+    assert body["classes"] is None and body["states"] is None
+    assert body["architecture"]["hidden"] == [8]
+    assert body["training"]["max_epochs"] == 4
+
+
+def test_create_model_stores_the_estimators_defaults(client: TestClient, auth: Callable) -> None:
+    payload = {"name": "m", "task": "regression", "features": ["a"], "training": {"lr": 0.01}}
+    body = client.post("/v1/models", json=payload, headers=auth("admin")).json()
+    defaults = inspect.signature(NMERegressor.__init__).parameters
+    assert body["architecture"]["hidden"] == list(defaults["hidden"].default)
+    assert body["architecture"]["placement"] == defaults["placement"].default
+    assert body["training"]["anneal"] == defaults["anneal"].default
+    assert body["training"]["lr"] == 0.01
+    assert body["training"]["random_state"] == 0  # the service's choice: reproducible refits
+
+
+def test_untrainable_placement_is_409_at_refit(client: TestClient, auth: Callable) -> None:
+    create_model(client, auth, architecture={"hidden": [8], "placement": ["layers.7.weight"]})
+    items = [
+        {
+            "user_id": f"u{k % 3}",
+            "day": f"2026-01-{k + 1:02d}",
+            "features": features(),
+            "label": float(k),
+        }
+        for k in range(12)
+    ]
+    client.post("/v1/models/mood/observations", json={"items": items}, headers=auth("ingest"))
+    response = client.post("/v1/models/mood/refit", headers=auth("admin"))
+    assert response.status_code == 409
+    assert "cannot be trained" in response.json()["detail"]
+
+
+def test_duplicate_model_name_is_409(client: TestClient, auth: Callable, mood_model: dict) -> None:
+    response = client.post("/v1/models", json=model_payload(), headers=auth("admin"))
+    assert response.status_code == 409
+    assert "already exists" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"task": "ranking"}, "task"),
+        ({"features": []}, "features"),
+        ({"features": ["a", "a"]}, "repeated: a"),
+        ({"classes": ["x", "y"]}, "classes must be null"),
+        ({"task": "classification", "classes": ["only"]}, "at least two classes"),
+        ({"task": "sequence", "states": None}, "at least two states"),
+        ({"name": "bad name/with slash"}, "name"),
+        ({"architecture": {"hidden": [0]}}, "hidden"),
+        ({"architecture": {"method": "magic"}}, "method"),
+        ({"training": {"lr": -1}}, "lr"),
+        ({"training": {"epochs": 3}}, "epochs"),
+        ({"training": {"anneal": 1.5}}, "anneal"),
+        ({"architecture": {"forbidden_transitions": [["a", "b"]]}}, "sequence models"),
+    ],
+)
+def test_invalid_model_definition_is_422(
+    client: TestClient, auth: Callable, overrides: dict, message: str
+) -> None:
+    payload = model_payload(**overrides)
+    if overrides.get("task") == "classification":
+        payload["classes"] = overrides["classes"]
+    response = client.post("/v1/models", json=payload, headers=auth("admin"))
+    assert response.status_code == 422, response.text
+    assert message in response.text
+
+
+def test_list_and_get_models(client: TestClient, auth: Callable, mood_model: dict) -> None:
+    client.post("/v1/models", json=model_payload("alpha"), headers=auth("admin"))
+    listing = client.get("/v1/models", headers=auth("predict")).json()
+    assert listing["count"] == 2
+    assert [m["name"] for m in listing["data"]] == ["alpha", "mood"]
+    assert client.get("/v1/models/mood", headers=auth("predict")).json() == mood_model
+
+
+def test_unknown_model_is_404(client: TestClient, auth: Callable) -> None:
+    for path in ("/v1/models/nope", "/v1/models/nope/versions"):
+        response = client.get(path, headers=auth("admin"))
+        assert response.status_code == 404
+        assert "nope" in response.json()["detail"]
+
+
+def test_versions_list_and_rollback(client: TestClient, auth: Callable, trained_mood: dict) -> None:
+    items = [{"user_id": "u0001", "features": features()}]
+    first = predict(client, auth, items)
+    assert refit(client, auth)["version"] == 2
+    versions = client.get("/v1/models/mood/versions", headers=auth("admin")).json()
+    assert versions["count"] == 2
+    assert [(v["version"], v["status"]) for v in versions["data"]] == [(2, "active"), (1, "ready")]
+    assert len(versions["data"][0]["artifact_sha256"]) == 64
+    assert predict(client, auth, items)["version"] == 2
+
+    response = client.post("/v1/models/mood/versions/1/activate", headers=auth("admin"))
+    assert response.status_code == 200
+    assert response.json()["status"] == "active"
+    assert client.get("/v1/models/mood", headers=auth("admin")).json()["active_version"] == 1
+    assert predict(client, auth, items) == first
+
+
+def test_activate_unknown_version_is_404(
+    client: TestClient, auth: Callable, mood_model: dict
+) -> None:
+    response = client.post("/v1/models/mood/versions/7/activate", headers=auth("admin"))
+    assert response.status_code == 404
+
+
+def test_openapi_documents_examples(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    predict_body = schema["components"]["schemas"]["PredictRequest"]
+    assert predict_body["examples"][0]["items"][0]["user_id"] == "u1"
+    assert "bearer" in str(schema["components"]["securitySchemes"]).lower()
