@@ -52,6 +52,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (batch, in_features)`` -> ``(batch, out_features)``."""
-        for layer in self.layers[:-1]:
-            x = self.drop(self.act(layer(x)))
-        return self.layers[-1](x)
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            x = layer(x)
+            if k < last:
+                x = self.drop(self.act(x))
+        return x

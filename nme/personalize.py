@@ -22,7 +22,7 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import nn
@@ -43,11 +43,11 @@ class EffectsLayout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(s) for s in self.shapes)
 
-    @property
+    @cached_property
     def dim(self) -> int:
         return sum(self.sizes)
 
@@ -173,23 +173,25 @@ class PersonalizedModule(nn.Module):
     def _linear_hook(
         self, owner: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> torch.Tensor | None:
-        active: Gathered | None = getattr(self._active, "rows", None)
+        active: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = getattr(
+            self._active, "deltas", None
+        )
         if active is None:  # the base module called on its own: θ̄ only
             return None
-        deltas = self.layout.split(active.unique)  # {name: (u, *shape)}
+        deltas, inverse = active  # {name: (u, *shape)}, (batch,) or None
         prefix = f"{owner}." if owner else ""
         x = inputs[0]  # (batch, ..., in)
         b = x.shape[0]
         weight = deltas.get(f"{prefix}weight")  # (u, out, in)
         if weight is not None:
-            if active.inverse is not None:
-                weight = weight[active.inverse]  # (batch, out, in)
+            if inverse is not None:
+                weight = weight[inverse]  # (batch, out, in)
             flat = x.reshape(b, -1, x.shape[-1])  # (batch, m, in)
             output = output + torch.bmm(flat, weight.transpose(1, 2)).reshape(output.shape)
         bias = deltas.get(f"{prefix}bias")  # (u, out)
         if bias is not None:
-            if active.inverse is not None:
-                bias = bias[active.inverse]  # (batch, out)
+            if inverse is not None:
+                bias = bias[inverse]  # (batch, out)
             output = output + bias.reshape(b, *([1] * (output.dim() - 2)), bias.shape[-1])
         return output
 
@@ -232,11 +234,11 @@ class PersonalizedModule(nn.Module):
         if self.layout.dim == 0:
             return self.base(x), (ret or g.per_item())
         if self._hooked:
-            self._active.rows = g
+            self._active.deltas = (self.layout.split(g.unique), g.inverse)
             try:
                 out = self.base(x)
             finally:
-                self._active.rows = None
+                self._active.deltas = None
             return out, (ret or g.per_item())
         rows = g.per_item()  # (batch, dim)
         base_params = {n: p for n, p in self.base.named_parameters() if n in self.layout.names}
