@@ -339,8 +339,10 @@ def _add_fit(commands: argparse._SubParsersAction) -> None:
                        help="--task sequence: learn start/end scores (default: uniform)")
     model.add_argument("--method", choices=METHODS, default=d["method"],
                        help=f"default: {d['method']}")
-    model.add_argument("--m-step", choices=("paper", "laplace"), default=d["m_step"],
-                       help=f"laplace is for regression only (default: {d['m_step']})")
+    model.add_argument("--m-step", choices=("paper", "laplace"), default=None,
+                       help=f"paper: Σ = variance of θⁱ; laplace adds the posterior variance "
+                            f"(default: {d['m_step']} for regression, laplace for "
+                            "classification and sequences)")
     model.add_argument("--anneal", type=_optional(float), default=d["anneal"],
                        help=f"Σ annealing α in (0, 1), or none (default: {d['anneal']})")
     train = p.add_argument_group("training")
@@ -389,8 +391,6 @@ def run_fit(args: argparse.Namespace) -> int:
             raise CLIError(f"{path} has no numeric feature columns; name them with --features")
         if skipped:
             print(f"nme: ignoring non-numeric columns: {', '.join(skipped)}", file=sys.stderr)
-    if args.m_step == "laplace" and args.task != "regression":
-        raise CLIError("--m-step laplace is implemented for --task regression only")
     require_complete(df, [args.person_col, args.target, *features, *key_cols[2:]], path)
     _check_target(df[args.target], args.target, args.task, path)
 
@@ -696,6 +696,11 @@ def _forbidden(text: str) -> list[tuple[str, str]]:
 def _fill_task_defaults(args: argparse.Namespace) -> None:
     """Options whose sensible default depends on ``--task`` (rows vs whole sequences)."""
     defaults = _SEQ_DEFAULTS if args.task == SEQUENCE_TASK else _DEFAULTS
+    if getattr(args, "m_step", None) is None and "m_step" in defaults:
+        cls = NMEClassifier if args.task == "classification" else None
+        args.m_step = (
+            inspect.signature(cls).parameters["m_step"].default if cls else defaults["m_step"]
+        )
     if args.placement is None:
         args.placement = defaults["placement"]
     if args.batch_size is None:
@@ -738,8 +743,6 @@ def run_fit_sequences(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     if not args.sequence_col:
         raise CLIError("--task sequence needs --sequence-col (the column with sequence ids)")
-    if args.m_step != "paper":
-        raise CLIError("--m-step laplace is implemented for --task regression only")
     df = read_csv(path, args.person_col)
     key_cols = [args.person_col, args.target, args.sequence_col]
     key_cols += [c for c in (args.position_col, args.time_col) if c]
@@ -796,6 +799,7 @@ def run_fit_sequences(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs,
         patience=args.patience,
         anneal=args.anneal,
+        m_step=args.m_step,
         learn_start_end=args.learn_start_end,
         allowed=args.forbid,
         device=device,

@@ -299,10 +299,11 @@ class _NMEEstimator:
         rows = table[idx.clamp(min=0)]
         return torch.where((idx >= 0).unsqueeze(-1), rows, self.fallback_effect_)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _forward(self, x: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
         """``x: (n, F)`` normalised, ``rows: (n, dim)`` -> ``(n, outputs)`` raw outputs."""
-        self.module_.eval()
+        if self.module_.training:
+            self.module_.eval()
         if x.shape[0] == 0:
             return torch.zeros(0, self._n_outputs(), device=self.device_)
         outs = [

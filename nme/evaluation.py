@@ -91,7 +91,7 @@ class EvalConfig:
     patience: int | None = 10
     batch_size: int = 512
     sequence_batch_size: int = 32  # sequences per mini-batch (the tagger's default)
-    m_step: str = "paper"
+    m_step: str | None = None
     device: str = "cpu"
     progress: bool = True
     metrics: tuple[str, ...] | None = None  # None: the task's paper metrics; first = selection
@@ -313,13 +313,14 @@ def make_estimator(
             patience=config.patience, device=config.device, random_state=config.seed,
         )
     cls = NMERegressor if config.task == "regression" else NMEClassifier
-    # the Laplace M-step only changes the penalised variant, and exists for regression only
-    m_step = config.m_step if method == "nme" and config.task == "regression" else "paper"
+    # None keeps each estimator's own default M-step (paper for regression, Laplace for
+    # classification); only the penalised variant uses Σ at all
+    extra = {"m_step": config.m_step} if config.m_step is not None and method == "nme" else {}
     return cls(
         hidden=params["hidden"], placement=placement or "last", method=method,
         lr=params["lr"], weight_decay=params["weight_decay"], batch_size=config.batch_size,
-        max_epochs=config.max_epochs, patience=config.patience, m_step=m_step,
-        device=config.device, random_state=config.seed,
+        max_epochs=config.max_epochs, patience=config.patience,
+        device=config.device, random_state=config.seed, **extra,
     )
 
 

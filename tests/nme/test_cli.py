@@ -262,8 +262,6 @@ def test_nan_names_column_and_row(
      (["--val-fraction", "1.5"], ["--val-fraction"]),
      (["--anneal", "1.5"], ["anneal"]),  # checked by the estimator: a ValueError
      (["--placement", "layers.9.weight"], ["layers.9.weight"]),
-     (["--m-step", "laplace", "--task", "classification", "--target", "weekday",
-       "--features", "gps_km"], ["laplace"]),
      (["--device", "tpu9"], ["--device"])],
 )
 def test_unknown_option_values(

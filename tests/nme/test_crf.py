@@ -450,12 +450,14 @@ def test_permuting_the_batch_permutes_outputs(problem: dict, rng: object) -> Non
     perm = torch.tensor(order)
     tags = torch.randint(states, (batch, length))
 
-    def permuted(value: Tensor | None) -> Tensor | None:
-        if value is None or value.dim() == 1 or value.shape == (states, states):
+    def permuted(key: str, value: Tensor | None) -> Tensor | None:
+        # shared parameters stay; per-sequence ones follow the batch (decided by name: a
+        # (batch, length) mask can have the shape of a (states, states) matrix)
+        if value is None or key in ("start", "end") or (key == "transitions" and value.dim() == 2):
             return value
         return value[perm]
 
-    shuffled = {k: permuted(v) for k, v in inputs.items()}
+    shuffled = {k: permuted(k, v) for k, v in inputs.items()}
     torch.testing.assert_close(
         crf.log_partition(**shuffled, allowed=allowed),
         crf.log_partition(**inputs, allowed=allowed)[perm],
