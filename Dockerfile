@@ -1,4 +1,4 @@
-# The NME service image: API (`nme-service serve`), migrations and, later, the worker.
+# The NME service image: API (`nme-service serve`), migrations and the worker (`nme-service worker`).
 #
 # CPU by default. For NVIDIA GPUs, build on a CUDA runtime base and take torch's CUDA wheels:
 #   docker build -t nme-service:cuda \

@@ -19,10 +19,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.deps import KeyCache
-from service.api.routes import health, jobs, models, observations, predict, sequences, users
+from service.api.routes import (
+    health,
+    jobs,
+    metrics,
+    models,
+    observations,
+    predict,
+    sequences,
+    users,
+)
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.errors import ServiceError
+from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.migrate import head_revision
 from service.predictor import Predictor
 
@@ -66,8 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    for module in (health, models, observations, predict, sequences, users, jobs):
+    app.state.metrics = ServiceMetrics(lambda: getattr(app.state, "engine", None))
+    for module in (health, models, observations, predict, sequences, users, jobs, metrics):
         app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     return app

@@ -133,14 +133,20 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(_settings: Settings, _args: argparse.Namespace) -> int:
-    """The background worker (job queue) is the next issue; refits run via `refit` for now."""
-    print(
-        "nme-service worker is not implemented yet; run `nme-service refit --model NAME` "
-        "or POST /v1/models/{name}/refit",
-        file=sys.stderr,
-    )
-    return 2
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the background worker: per-user updates and refits from the jobs table."""
+    from service.jobs.worker import Worker
+    from service.logs import configure_json_logging
+
+    configure_json_logging(settings.log_level)
+    _limit_torch_threads(settings)
+    worker = Worker(settings, name=args.name)
+    worker.install_signal_handlers()
+    try:
+        worker.run(burst=args.burst)
+    finally:
+        worker.close()
+    return 0
 
 
 @contextmanager
@@ -186,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="the key itself or its prefix (the part after nme_)")
     revoke.set_defaults(func=cmd_revoke_key)
 
-    refit = sub.add_parser("refit", help="train and activate a new model version")
+    refit = sub.add_parser(
+        "refit", help="train and activate a new model version now (no champion/challenger)"
+    )
     refit.add_argument("--model", required=True)
     refit.set_defaults(func=cmd_refit)
 
@@ -200,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    worker = sub.add_parser("worker", help="background worker (arrives with the job queue)")
+    worker = sub.add_parser("worker", help="run queued jobs: per-user updates and refits")
+    worker.add_argument(
+        "--burst", action="store_true", help="exit once no job is due (instead of polling)"
+    )
+    worker.add_argument("--name", help="worker name in logs (default host:pid)")
     worker.set_defaults(func=cmd_worker)
     return parser
 

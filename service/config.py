@@ -57,12 +57,65 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # ------------------------------------------------------------- background learning
+    user_updates_on_ingest: bool = Field(
+        default=True,
+        description="Ingesting labels enqueues a per-user update (θⁱ only) for each affected "
+        "user of a model that has an active version.",
+    )
+    refit_min_new_labels: int = Field(
+        default=1000,
+        ge=0,
+        description="The worker enqueues a refit once this many labels were added or changed "
+        "since the active version's training data was read (0: never by count).",
+    )
+    refit_max_age_seconds: float = Field(
+        default=86_400.0,
+        ge=0.0,
+        description="The worker enqueues a refit when the active version is older than this and "
+        "at least one label is new (0: never by age).",
+    )
+    refit_check_seconds: float = Field(
+        default=60.0, gt=0.0, description="How often the worker checks the refit triggers."
+    )
+    job_poll_seconds: float = Field(
+        default=1.0, gt=0.0, description="How long an idle worker sleeps between polls."
+    )
+    job_heartbeat_seconds: float = Field(
+        default=5.0, gt=0.0, description="How often a worker refreshes its running job's heartbeat."
+    )
+    job_stale_seconds: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="A running job whose heartbeat is older than this belongs to a dead worker "
+        "and is requeued (or failed after its last attempt).",
+    )
+    job_max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Attempts per job before it is marked failed."
+    )
+    job_retry_delay_seconds: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="Back-off before a failed job's first retry; doubles per attempt (max 10 min).",
+    )
+    worker_alive_file: Path | None = Field(
+        default=None,
+        description="A file the worker touches on every heartbeat and idle poll (container health "
+        "checks compare its mtime with the clock).",
+    )
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         # SQLite serialises writers and lives on one disk: fine for the demo, wrong for N API
         # processes and workers behind a load balancer.
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("NME_ENVIRONMENT=production requires a PostgreSQL NME_DATABASE_URL")
+        # A heartbeat slower than the stale limit would get live jobs requeued under the worker.
+        if self.job_stale_seconds <= 2 * self.job_heartbeat_seconds:
+            raise ValueError(
+                "NME_JOB_STALE_SECONDS must exceed twice NME_JOB_HEARTBEAT_SECONDS "
+                f"({self.job_stale_seconds} <= 2 × {self.job_heartbeat_seconds})"
+            )
         return self
 
     @property

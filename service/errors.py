@@ -1,6 +1,6 @@
 """Domain errors raised below the HTTP layer; ``app.py`` maps each to a status code.
 
-Keeping them HTTP-free lets the refit pipeline and the CLI (and later the worker) raise the same
+Keeping them HTTP-free lets the refit pipeline and the CLI and the worker raise the same
 errors the routes do.
 """
 

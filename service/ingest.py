@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from service import store
 from service.errors import InvalidInput, invalid
+from service.jobs.queue import enqueue_user_updates
 from service.schemas import ObservationCreate, SequenceCreate
 from service.tables import Model
 from service.validation import (
@@ -106,3 +107,18 @@ def ingest_sequences(
         for item in items
     ]
     return store.upsert_sequences(session, model_id=model.id, rows=rows)
+
+
+def queue_user_updates(
+    session: Session, *, model: Model, counts: store.UpsertCounts, max_attempts: int = 3
+) -> int:
+    """Queue a coalesced per-user update for every user whose labels the ingest changed, in the
+    ingest's own transaction (labels and their jobs commit together). Only models with an active
+    version are updated per user; the others wait for their first refit. Returns jobs queued."""
+    if not counts.labelled_users:
+        return 0
+    if store.get_active_version(session, model_id=model.id) is None:
+        return 0
+    return enqueue_user_updates(
+        session, model_id=model.id, user_ids=counts.labelled_users, max_attempts=max_attempts
+    )

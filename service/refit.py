@@ -1,9 +1,9 @@
 """The refit pipeline: labelled data → per-user temporal split → fit → artifact → one
 transaction writing the version and all θⁱ rows → activation.
 
-``refit_model`` owns its transactions (read, then one write), so the synchronous route, the CLI
-and the background worker all call it the same way. The fit itself runs outside any database
-transaction: ingest keeps working while a model trains.
+``refit_model`` owns its transactions (read, then one write), so the CLI and the background
+worker call it the same way; the worker asks for champion/challenger activation. The fit itself
+runs outside any database transaction: ingest keeps working while a model trains.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import sequence_support, store
-from service.artifacts import remove_artifact, write_artifact
+from service.artifacts import ArtifactCorrupt, remove_artifact, write_artifact
+from service.champion import Decision, decide, score_challenger, score_champion
 from service.errors import Conflict, NotFound
 from service.estimators import Estimator, build_estimator
+from service.jobs.queue import enqueue_user_updates
 from service.sequence_support import SequenceData
 from service.tables import Model, ModelVersion, User, utcnow
 
@@ -212,16 +215,37 @@ def record_version(
     return version
 
 
+ActivationRule = bool | Literal["if_not_worse"]
+"""True: activate; False: leave ready; ``"if_not_worse"``: champion/challenger."""
+
+FOLLOW_UP_MARGIN = timedelta(seconds=60)
+"""Labels changed up to this long before a refit read its data get a follow-up per-user update:
+an ingest stamps ``updated_at`` before it commits, so a label can be stamped just before the
+read and still be invisible to it."""
+
+
 def refit_model(
     session_factory: sessionmaker[Session],
     *,
     model_name: str,
     artifact_dir: Path,
     device: str,
-    activate: bool = True,
+    activate: ActivationRule = True,
     callback: Callback | None = None,
+    before_commit: Callable[[Session, ModelVersion], None] | None = None,
+    follow_up_updates: bool = True,
+    max_attempts: int = 3,
 ) -> ModelVersion:
     """Run the whole pipeline for one model and return the new (committed) version.
+
+    Args:
+        activate: see :data:`ActivationRule`; the champion/challenger decision is stored in the
+            version's ``metrics["champion_challenger"]``.
+        before_commit: runs inside the final transaction after the version is written (the
+            worker marks its job succeeded there, so version and job status commit together);
+            raising from it rolls everything back.
+        follow_up_updates: when the new version is activated, queue a per-user update for every
+            user whose labels changed while it trained, so those labels reach its θⁱ.
 
     A failure before the final commit leaves no version row and no artifact behind, so a
     half-written version can never be activated.
@@ -232,6 +256,13 @@ def refit_model(
             raise NotFound(f"model {model_name!r} not found")
         data = load_training_data(session, model=model)
     estimator, metrics = fit_estimator(model, data, device=device, callback=callback)
+    decision = None
+    if activate == "if_not_worse":
+        decision = _champion_challenger(
+            session_factory, model=model, data=data, estimator=estimator, metrics=metrics,
+            artifact_dir=artifact_dir, device=device,
+        )
+        metrics["champion_challenger"] = decision.as_dict()
     path, sha = write_artifact(estimator, artifact_dir=artifact_dir, model_name=model.name)
     try:
         with session_factory() as session:
@@ -243,10 +274,50 @@ def refit_model(
                 artifact_path=path,
                 artifact_sha256=sha,
                 metrics=metrics,
-                activate=activate,
+                activate=decision.activate if decision is not None else bool(activate),
             )
+            if follow_up_updates and version.status == "active":
+                users = store.users_with_labels_since(
+                    session, model_id=model.id, since=data.read_at - FOLLOW_UP_MARGIN
+                )
+                enqueue_user_updates(
+                    session, model_id=model.id, user_ids=users, max_attempts=max_attempts
+                )
+            if before_commit is not None:
+                before_commit(session, version)
             session.commit()
             return version
     except BaseException:
         remove_artifact(artifact_dir, path)
         raise
+
+
+def _champion_challenger(
+    session_factory: sessionmaker[Session],
+    *,
+    model: Model,
+    data: TrainingData | SequenceData,
+    estimator: Estimator,
+    metrics: dict[str, Any],
+    artifact_dir: Path,
+    device: str,
+) -> Decision:
+    with session_factory() as session:
+        champion = store.get_active_version(session, model_id=model.id)
+        champion_score, challenger_score, error = None, None, None
+        if champion is not None and metrics["val_score"] is not None:
+            challenger_score = score_challenger(estimator, data)
+            try:
+                champion_score = score_champion(
+                    session, champion=champion, data=data, artifact_dir=artifact_dir,
+                    device=device,
+                )
+            except (ValueError, ArtifactCorrupt) as err:
+                error = str(err)
+    return decide(
+        challenger_score if champion is not None else metrics["val_score"],
+        champion_score,
+        champion.version if champion is not None else None,
+        score_name=metrics["score_name"],
+        champion_error=error,
+    )

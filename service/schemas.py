@@ -176,18 +176,80 @@ class VersionsPublic(BaseModel):
     count: int
 
 
-class RefitPublic(BaseModel):
-    """The version a refit produced."""
+# ---------------------------------------------------------------------------------- jobs
+
+
+class JobCreate(Strict):
+    """A job to queue: a full ``refit`` of the model, or a ``user_update`` of one user's θⁱ."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"kind": "user_update", "user_id": "u1"}]},
+    )
+
+    kind: Literal["refit", "user_update"]
+    user_id: UserId | None = Field(default=None, description="Required for `user_update` only.")
+
+    @model_validator(mode="after")
+    def _user_fits_kind(self) -> JobCreate:
+        if self.kind == "user_update" and self.user_id is None:
+            raise ValueError("a user_update job needs a user_id")
+        if self.kind == "refit" and self.user_id is not None:
+            raise ValueError("a refit job takes no user_id")
+        return self
+
+
+class JobPublic(BaseModel):
+    """A background job. ``progress`` is e.g. ``{"stage": "training", "message": "epoch 7/50",
+    "epoch": 7, "max_epochs": 50, "val_loss": …, "val_metric": …}`` while running, and says what
+    happened when done (for a refit: whether the new version was activated, and why)."""
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"version": 1, "status": "active", "metrics": {"val_score": -7.9}}]
+            "examples": [
+                {
+                    "id": 7,
+                    "kind": "refit",
+                    "model": "mood",
+                    "user_id": None,
+                    "status": "running",
+                    "attempts": 1,
+                    "progress": {"stage": "training", "message": "epoch 7/50", "epoch": 7},
+                    "result_version": None,
+                    "error": None,
+                    "created_at": "2026-11-25T09:00:00Z",
+                    "started_at": "2026-11-25T09:00:01Z",
+                    "finished_at": None,
+                }
+            ]
         }
     )
 
-    version: int
-    status: Literal["ready", "active"]
-    metrics: dict[str, Any]
+    id: int
+    kind: Literal["refit", "user_update"]
+    model: str
+    user_id: str | None
+    status: Literal["queued", "running", "succeeded", "failed"]
+    attempts: int
+    progress: dict[str, Any] | None
+    result_version: int | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEnvelope(BaseModel):
+    """The answer to an enqueue: ``{"job": {...}}`` (202)."""
+
+    job: JobPublic
+
+
+class JobsPublic(BaseModel):
+    """A model's jobs, newest first."""
+
+    data: list[JobPublic]
+    count: int
 
 
 # ---------------------------------------------------------------------------------- ingest

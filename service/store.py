@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.tables import (
     ApiKey,
+    Job,
     Model,
     ModelVersion,
     Observation,
@@ -230,7 +231,7 @@ def ensure_users(session: Session, *, external_ids: Iterable[str]) -> dict[str, 
     missing = [external_id for external_id in wanted if external_id not in found]
     if missing:
         now = utcnow()
-        statement = _insert(session, User.__table__).on_conflict_do_nothing(
+        statement = dialect_insert(session, User.__table__).on_conflict_do_nothing(
             index_elements=["external_id"]
         )
         session.execute(statement, [{"external_id": e, "created_at": now} for e in missing])
@@ -277,10 +278,12 @@ def count_labels(session: Session, *, model_id: int, user_id: int) -> int:
 @dataclass(frozen=True)
 class UpsertCounts:
     """How many rows an upsert inserted and how many it changed (unchanged rows count in
-    neither, so resending a batch is visibly a no-op)."""
+    neither, so resending a batch is visibly a no-op), and which users' labels that touched
+    (row ids of users with an inserted or changed row that carries a label)."""
 
     inserted: int
     updated: int
+    labelled_users: frozenset[int] = frozenset()
 
 
 def upsert_observations(
@@ -297,6 +300,7 @@ def upsert_observations(
         [{"model_id": model_id, **row} for row in rows],
         keys=("model_id", "user_id", "day"),
         values=("features", "label"),
+        label="label",
     )
 
 
@@ -314,6 +318,7 @@ def upsert_sequences(
         [{"model_id": model_id, **row} for row in rows],
         keys=("model_id", "user_id", "sequence_id"),
         values=("segments", "labels"),
+        label="labels",
     )
 
 
@@ -324,27 +329,34 @@ def _upsert(
     *,
     keys: tuple[str, ...],
     values: tuple[str, ...],
+    label: str,
 ) -> UpsertCounts:
     if not rows:
         return UpsertCounts(inserted=0, updated=0)
     now = utcnow()
     for row in rows:
         row["created_at"] = row["updated_at"] = now
-    statement = _insert(session, table)
+    statement = dialect_insert(session, table)
     changed = [table.c[name].is_distinct_from(statement.excluded[name]) for name in values]
     statement = statement.on_conflict_do_update(
         index_elements=list(keys),
         set_={name: statement.excluded[name] for name in (*values, "updated_at")},
         # Only rows whose content differs are touched (and returned): a resend is a no-op.
         where=or_(*changed),
-    ).returning(table.c.created_at == table.c.updated_at)
-    results = session.execute(statement, rows).scalars().all()
+    # The label itself comes back, not ``label IS NOT NULL``: SQLite evaluates that expression
+    # in RETURNING before the JSON NULL is stored and answers true for unlabelled rows.
+    ).returning(table.c.created_at == table.c.updated_at, table.c.user_id, table.c[label])
+    results = session.execute(statement, rows).all()
     session.flush()
-    inserted = sum(1 for fresh in results if fresh)
-    return UpsertCounts(inserted=inserted, updated=len(results) - inserted)
+    inserted = sum(1 for fresh, _, _ in results if fresh)
+    return UpsertCounts(
+        inserted=inserted,
+        updated=len(results) - inserted,
+        labelled_users=frozenset(user_id for _, user_id, value in results if value is not None),
+    )
 
 
-def _insert(session: Session, table: Table) -> Any:
+def dialect_insert(session: Session, table: Table) -> Any:
     """The dialect's INSERT (both SQLite and PostgreSQL support ON CONFLICT)."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
@@ -429,3 +441,130 @@ _PERSON_PARAMS = (
 def get_person_param(session: Session, *, version_id: int, user_id: int) -> PersonParam | None:
     """One user's θⁱ row in one version."""
     return session.get(PersonParam, (version_id, user_id))
+
+
+def upsert_person_param(
+    session: Session, *, version_id: int, user_id: int, effects: bytes, n_obs: int
+) -> None:
+    """Insert or replace one user's θⁱ row in one version (the per-user update)."""
+    statement = dialect_insert(session, PersonParam.__table__).values(
+        version_id=version_id, user_id=user_id, effects=effects, n_obs=n_obs, updated_at=utcnow()
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["version_id", "user_id"],
+        set_={
+            "effects": statement.excluded.effects,
+            "n_obs": statement.excluded.n_obs,
+            "updated_at": statement.excluded.updated_at,
+        },
+    )
+    session.execute(statement)
+    session.flush()
+
+
+# ---------------------------------------------------------------------------------- learning
+
+
+def load_user_observations(
+    session: Session, *, model_id: int, user_id: int
+) -> list[Row[tuple[dict[str, float], Any]]]:
+    """One user's labelled observations of a model as (features, label), in day order."""
+    statement = (
+        select(Observation.features, Observation.label)
+        .where(
+            Observation.model_id == model_id,
+            Observation.user_id == user_id,
+            Observation.label.is_not(None),
+        )
+        .order_by(Observation.day)
+    )
+    return list(session.execute(statement))
+
+
+def load_user_sequences(
+    session: Session, *, model_id: int, user_id: int
+) -> list[Row[tuple[list[dict[str, float]], list[str]]]]:
+    """One user's labelled sequences of a model as (segments, labels), in arrival order."""
+    statement = (
+        select(SequenceRow.segments, SequenceRow.labels)
+        .where(
+            SequenceRow.model_id == model_id,
+            SequenceRow.user_id == user_id,
+            SequenceRow.labels.is_not(None),
+        )
+        .order_by(SequenceRow.created_at, SequenceRow.id)
+    )
+    return list(session.execute(statement))
+
+
+def count_labels_since(session: Session, *, model_id: int, since: datetime | None) -> int:
+    """Labelled observations and sequences of a model added or changed after ``since``
+    (all of them when ``since`` is None)."""
+    total = 0
+    for table, label in ((Observation, Observation.label), (SequenceRow, SequenceRow.labels)):
+        statement = select(func.count()).where(table.model_id == model_id, label.is_not(None))
+        if since is not None:
+            statement = statement.where(table.updated_at > since)
+        total += int(session.scalar(statement) or 0)
+    return total
+
+
+def users_with_labels_since(session: Session, *, model_id: int, since: datetime) -> list[int]:
+    """Row ids of users whose labels of a model were added or changed after ``since``."""
+    users: set[int] = set()
+    for table, label in ((Observation, Observation.label), (SequenceRow, SequenceRow.labels)):
+        users.update(
+            session.scalars(
+                select(table.user_id)
+                .where(table.model_id == model_id, label.is_not(None), table.updated_at > since)
+                .distinct()
+            )
+        )
+    return sorted(users)
+
+
+def has_labels(session: Session, *, model_id: int) -> bool:
+    """Whether a model has at least one labelled observation or sequence."""
+    for table, label in ((Observation, Observation.label), (SequenceRow, SequenceRow.labels)):
+        found = session.scalar(
+            select(table.id).where(table.model_id == model_id, label.is_not(None)).limit(1)
+        )
+        if found is not None:
+            return True
+    return False
+
+
+def get_user_by_id(session: Session, *, user_id: int) -> User | None:
+    """A user by row id."""
+    return session.get(User, user_id)
+
+
+# ---------------------------------------------------------------------------------- jobs
+
+
+def job_rows(
+    session: Session,
+    *,
+    job_id: int | None = None,
+    model_id: int | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+    limit: int = 100,
+) -> list[Row[tuple[Job, str, str | None]]]:
+    """Jobs with their model's name and user's external id, newest first."""
+    statement = (
+        select(Job, Model.name, User.external_id)
+        .join(Model, Model.id == Job.model_id)
+        .outerjoin(User, User.id == Job.user_id)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    )
+    if job_id is not None:
+        statement = statement.where(Job.id == job_id)
+    if model_id is not None:
+        statement = statement.where(Job.model_id == model_id)
+    if status is not None:
+        statement = statement.where(Job.status == status)
+    if kind is not None:
+        statement = statement.where(Job.kind == kind)
+    return list(session.execute(statement))

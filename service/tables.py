@@ -222,7 +222,7 @@ class PersonParam(Base):
 
 
 class Job(Base):
-    """A background job (refit or per-user update); the worker arrives with the next issue.
+    """A background job (refit or per-user update), run by `nme-service worker` (service.jobs).
 
     ``coalesce_key`` (e.g. ``refit:3``) is unique among queued jobs, so "at most one pending per
     model (and user)" is enforced by the database rather than by a racy check.

@@ -21,6 +21,7 @@ from service import store
 from service.auth import hash_key, key_matches, key_prefix
 from service.config import Settings
 from service.errors import NotFound
+from service.metrics import ServiceMetrics
 from service.predictor import Predictor
 from service.tables import Model
 
@@ -51,7 +52,13 @@ async def get_predictor(request: Request) -> Predictor:
     return request.app.state.predictor
 
 
+async def get_metrics(request: Request) -> ServiceMetrics:
+    """The app's Prometheus metrics."""
+    return request.app.state.metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 SessionDep = Annotated[Session, Depends(get_session)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from nme.simulate import simulate_mood
 from service.demo import FEATURES, observations_from_frame
+from service.jobs.worker import Worker
 
 Auth = Callable[[str], dict[str, str]]
 
@@ -61,11 +62,31 @@ def ingest(client: TestClient, auth: Auth, items: list[dict], name: str = "mood"
     return response.json()
 
 
-def refit(client: TestClient, auth: Auth, name: str = "mood") -> dict:
-    """Run a synchronous refit and return the new version's JSON."""
-    response = client.post(f"/v1/models/{name}/refit", headers=auth("admin"))
+def run_jobs(client: TestClient) -> int:
+    """Run every due job in-process (a burst worker on the app's settings); returns how many."""
+    worker = Worker(client.app.state.settings, name="test")
+    try:
+        return worker.run(burst=True)
+    finally:
+        worker.close()
+
+
+def get_job(client: TestClient, auth: Auth, job_id: int) -> dict:
+    """``GET /v1/jobs/{job_id}``."""
+    response = client.get(f"/v1/jobs/{job_id}", headers=auth("admin"))
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def refit(client: TestClient, auth: Auth, name: str = "mood") -> dict:
+    """Queue a refit, run the worker until idle, and return the new version's JSON."""
+    response = client.post(f"/v1/models/{name}/refit", headers=auth("admin"))
+    assert response.status_code == 202, response.text
+    run_jobs(client)
+    job = get_job(client, auth, response.json()["job"]["id"])
+    assert job["status"] == "succeeded", job
+    versions = client.get(f"/v1/models/{name}/versions", headers=auth("admin")).json()["data"]
+    return next(v for v in versions if v["version"] == job["result_version"])
 
 
 def predict(client: TestClient, auth: Auth, items: list[dict], name: str = "mood") -> dict:

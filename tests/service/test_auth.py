@@ -17,7 +17,7 @@ from service.keys import create_key, revoke_key
 from service.tables import ApiKey
 
 OPEN_ROUTES = {"/healthz", "/readyz"}
-FILLERS = {"name": "mood", "version": "1", "user_id": "u1"}
+FILLERS = {"name": "mood", "version": "1", "user_id": "u1", "job_id": "1"}
 
 
 def walk(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
@@ -51,7 +51,7 @@ def test_route_walk_finds_every_documented_operation(client: TestClient) -> None
 
 def test_every_route_but_health_refuses_anonymous_requests(client: TestClient) -> None:
     routes = api_routes(client)
-    assert len(routes) == 14
+    assert len(routes) == 18
     for method, template in routes:
         path = re.sub(r"{(\w+)}", lambda m: FILLERS[m.group(1)], template)
         response = client.request(method, path)

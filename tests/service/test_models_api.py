@@ -9,7 +9,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from nme import NMERegressor
-from tests.service.factories import create_model, features, model_payload, predict, refit
+from tests.service.factories import (
+    create_model,
+    features,
+    get_job,
+    model_payload,
+    predict,
+    refit,
+    run_jobs,
+)
 
 
 def test_create_model_is_201_with_the_contract_shape(client: TestClient, auth: Callable) -> None:
@@ -49,8 +57,11 @@ def test_untrainable_placement_is_409_at_refit(client: TestClient, auth: Callabl
     ]
     client.post("/v1/models/mood/observations", json={"items": items}, headers=auth("ingest"))
     response = client.post("/v1/models/mood/refit", headers=auth("admin"))
-    assert response.status_code == 409
-    assert "cannot be trained" in response.json()["detail"]
+    assert response.status_code == 202
+    run_jobs(client)
+    job = get_job(client, auth, response.json()["job"]["id"])
+    assert (job["status"], job["attempts"]) == ("failed", 1)  # bad settings: no retry
+    assert "cannot be trained" in job["error"]
 
 
 def test_duplicate_model_name_is_409(client: TestClient, auth: Callable, mood_model: dict) -> None:

@@ -57,13 +57,15 @@ def test_refit_writes_artifact_and_all_person_rows(
 
     estimator = load_estimator(path)
     assert [p[0] for p in params] == [f"u{k:04d}" for k in range(1, 13)]
-    assert {p[2] for p in params} == {16}
+    # The labels arrived just before the refit read them, so every user also got a follow-up
+    # per-user update (see FOLLOW_UP_MARGIN), which fits θⁱ on all 20 of their labels.
+    assert {p[2] for p in params} == {20}
     effects = np.stack([np.frombuffer(p[1], dtype="<f4") for p in params])
     assert effects.shape == (12, estimator.n_effects_)
     assert np.abs(effects).sum() > 0
 
 
-def refit(
+def refit_now(
     settings: Settings, session_factory: sessionmaker, model_name: str = "mood"
 ) -> ModelVersion:
     return refit_model(
@@ -82,7 +84,7 @@ def test_refit_without_labels_is_a_conflict(
     session_factory: sessionmaker,
 ) -> None:
     with pytest.raises(Conflict, match="no labelled observations"):
-        refit(settings, session_factory)
+        refit_now(settings, session_factory)
     response = client.post("/v1/models/mood/refit", headers=auth("admin"))
     assert response.status_code == 409
 
@@ -106,7 +108,7 @@ def test_failed_write_leaves_no_version_and_no_artifact(
 
     monkeypatch.setattr(store, "add_person_params", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        refit(settings, session_factory)
+        refit_now(settings, session_factory)
     with session_factory() as session:
         assert session.scalar(select(func.count()).select_from(ModelVersion)) == 0
     assert list((settings.artifact_dir / "mood").iterdir()) == []
@@ -131,7 +133,7 @@ def test_users_forgotten_during_training_get_no_row(
         return result
 
     monkeypatch.setattr(refit_module, "fit_estimator", fit_then_forget)
-    version = refit(settings, session_factory)
+    version = refit_now(settings, session_factory)
     with session_factory() as session:
         users = session.scalars(
             select(User.external_id).join(PersonParam, PersonParam.user_id == User.id)
@@ -140,17 +142,25 @@ def test_users_forgotten_during_training_get_no_row(
     assert version.status == "active"
 
 
-def test_refit_picks_up_new_labels(client: TestClient, auth: Callable, trained_mood: dict) -> None:
+def test_refit_picks_up_new_labels(
+    client: TestClient,
+    auth: Callable,
+    trained_mood: dict,
+    settings: Settings,
+    session_factory: sessionmaker,
+) -> None:
     newcomer = [
         {"user_id": "newbie", "day": f"2026-02-{d:02d}", "features": features(), "label": 90.0}
         for d in range(1, 11)
     ]
+    client.app.state.settings = settings.model_copy(update={"user_updates_on_ingest": False})
     ingest(client, auth, newcomer)
     item = {"user_id": "newbie", "features": features()}
     before = client.post("/v1/models/mood/predict", json={"items": [item]}, headers=auth("predict"))
     assert before.json()["predictions"][0]["personalized"] is False
-    assert client.post("/v1/models/mood/refit", headers=auth("admin")).json()["version"] == 2
+    assert refit_now(settings, session_factory).version == 2  # activates unconditionally
     after = client.post("/v1/models/mood/predict", json={"items": [item]}, headers=auth("predict"))
+    assert after.json()["version"] == 2
     prediction = after.json()["predictions"][0]
     assert prediction["personalized"] is True
     assert prediction["prediction"] > before.json()["predictions"][0]["prediction"]

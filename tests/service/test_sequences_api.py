@@ -13,6 +13,7 @@ from tests.service.factories import (
     STATES,
     features,
     model_payload,
+    refit,
     sequence_model_payload,
     simulated_sequences,
 )
@@ -46,9 +47,7 @@ def trained_affect(client: TestClient, auth: Callable, affect_model: dict) -> di
         "/v1/models/affect/sequences", json={"items": items}, headers=auth("ingest")
     )
     assert response.json() == {"inserted": 60, "updated": 0}
-    response = client.post("/v1/models/affect/refit", headers=auth("admin"))
-    assert response.status_code == 200, response.text
-    return response.json()
+    return refit(client, auth, name="affect")
 
 
 def test_sequence_model_defaults_come_from_the_tagger(affect_model: dict) -> None:
@@ -136,7 +135,7 @@ def test_refit_without_labelled_sequences_is_409(
 ) -> None:
     response = client.post("/v1/models/affect/refit", headers=auth("admin"))
     assert response.status_code == 409
-    assert "no labelled sequences" in response.json()["detail"]
+    assert "no labels" in response.json()["detail"]
 
 
 def test_forbidden_transition_must_name_states(client: TestClient, auth: Callable) -> None:

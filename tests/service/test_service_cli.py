@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,25 @@ def test_demo_sets_everything_up(
         assert personalized == [True, False]
 
 
-def test_worker_is_not_there_yet(capsys: pytest.CaptureFixture) -> None:
-    assert main(["worker"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_worker_burst_runs_queued_jobs_and_exits(
+    client: TestClient,
+    auth: Callable,
+    trained_mood: dict,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    response = client.post(
+        "/v1/models/mood/jobs", json={"kind": "user_update", "user_id": "u0001"},
+        headers=auth("admin"),
+    )
+    monkeypatch.setenv("NME_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("NME_ARTIFACT_DIR", str(settings.artifact_dir))
+    assert main(["worker", "--burst", "--name", "cli"]) == 0
+    job = client.get(f"/v1/jobs/{response.json()['job']['id']}", headers=auth("admin")).json()
+    assert job["status"] == "succeeded"
+    logs = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    started = [entry for entry in logs if entry.get("action") == "start"]
+    assert [(e["job"], e["kind"], e["worker"]) for e in started] == [
+        (job["id"], "user_update", "cli")
+    ]

@@ -1,28 +1,105 @@
-"""Refits. Synchronous for now; the background-worker issue turns this into an enqueued job
-(202 + job id) running the same pipeline (``service.refit.refit_model``)."""
+"""Background jobs: queue a refit or a per-user update, and watch them (all admin).
+
+``POST /v1/models/{name}/refit`` is the shorthand for queueing a refit; it answers 202 at once
+and a worker (``nme-service worker``) trains, then activates the new version only if it is not
+worse than the active one. ``nme-service refit --model NAME`` still trains synchronously.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Literal
 
+from fastapi import APIRouter, Query, status
+from sqlalchemy.orm import Session
+
+from service import store
 from service.api.deps import AdminKey, ModelDep, SessionDep, SettingsDep
-from service.refit import refit_model
-from service.schemas import RefitPublic
+from service.errors import Conflict, NotFound
+from service.jobs.queue import enqueue_job
+from service.schemas import JobCreate, JobEnvelope, JobPublic, JobsPublic
+from service.tables import Job, Model
 
-router = APIRouter(prefix="/v1/models", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
-@router.post("/{name}/refit", response_model=RefitPublic)
-def refit(
-    _key: AdminKey, model: ModelDep, session: SessionDep, request: Request, settings: SettingsDep
-) -> RefitPublic:
-    """Train a new version on all labels so far and activate it (blocks until done)."""
-    # Release the request's connection: training takes a while and manages its own sessions.
-    session.close()
-    version = refit_model(
-        request.app.state.session_factory,
-        model_name=model.name,
-        artifact_dir=settings.artifact_dir,
-        device=settings.device,
+def job_public(job: Job, model_name: str, user_external_id: str | None) -> JobPublic:
+    """A job row as the API shows it."""
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]
+        model=model_name,
+        user_id=user_external_id,
+        status=job.status,  # type: ignore[arg-type]
+        attempts=job.attempts,
+        progress=job.progress,
+        result_version=job.result_version,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
     )
-    return RefitPublic(version=version.version, status=version.status, metrics=version.metrics)
+
+
+def _enqueue(
+    session: Session, model: Model, body: JobCreate, max_attempts: int
+) -> JobEnvelope:
+    user_id = None
+    if body.kind == "user_update":
+        assert body.user_id is not None
+        user = store.get_user(session, external_id=body.user_id)
+        if user is None:
+            raise NotFound(f"user {body.user_id!r} not found")
+        user_id = user.id
+    elif not store.has_labels(session, model_id=model.id):
+        raise Conflict(f"model {model.name!r} has no labels to train on")
+    job, _created = enqueue_job(
+        session, kind=body.kind, model_id=model.id, user_id=user_id, max_attempts=max_attempts
+    )
+    session.commit()
+    return JobEnvelope(job=job_public(job, model.name, body.user_id))
+
+
+@router.post(
+    "/models/{name}/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobEnvelope
+)
+def create_job(
+    _key: AdminKey, model: ModelDep, body: JobCreate, session: SessionDep, settings: SettingsDep
+) -> JobEnvelope:
+    """Queue a job; an equivalent queued job (same model, kind and user) is returned instead of
+    a duplicate. 404 for an unknown user, 409 for a refit of a model without labels."""
+    return _enqueue(session, model, body, settings.job_max_attempts)
+
+
+@router.post(
+    "/models/{name}/refit", status_code=status.HTTP_202_ACCEPTED, response_model=JobEnvelope
+)
+def refit(
+    _key: AdminKey, model: ModelDep, session: SessionDep, settings: SettingsDep
+) -> JobEnvelope:
+    """Queue a refit (champion/challenger activation); poll ``GET /v1/jobs/{id}``."""
+    return _enqueue(session, model, JobCreate(kind="refit"), settings.job_max_attempts)
+
+
+@router.get("/models/{name}/jobs", response_model=JobsPublic)
+def list_jobs(
+    _key: AdminKey,
+    model: ModelDep,
+    session: SessionDep,
+    status: Literal["queued", "running", "succeeded", "failed"] | None = None,
+    kind: Literal["refit", "user_update"] | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> JobsPublic:
+    """A model's jobs, newest first, optionally filtered by status and kind."""
+    rows = store.job_rows(session, model_id=model.id, status=status, kind=kind, limit=limit)
+    data = [job_public(job, name, user) for job, name, user in rows]
+    return JobsPublic(data=data, count=len(data))
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+def get_job(_key: AdminKey, job_id: int, session: SessionDep) -> JobPublic:
+    """One job's status, attempts, progress, result version and error."""
+    rows = store.job_rows(session, job_id=job_id, limit=1)
+    if not rows:
+        raise NotFound(f"job {job_id} not found")
+    job, name, user = rows[0]
+    return job_public(job, name, user)

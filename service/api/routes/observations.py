@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import IngestKey, ModelDep, SessionDep, SettingsDep
-from service.ingest import ingest_observations
+from service.ingest import ingest_observations, queue_user_updates
 from service.schemas import IngestPublic, ObservationsCreate
 
 router = APIRouter(prefix="/v1/models", tags=["ingest"])
@@ -19,9 +19,14 @@ def post_observations(
     session: SessionDep,
     settings: SettingsDep,
 ) -> IngestPublic:
-    """Insert or update observations; resending identical data changes nothing."""
+    """Insert or update observations; resending identical data changes nothing. Users whose
+    labels changed get a background per-user update (see docs/service.md)."""
     counts = ingest_observations(
         session, model=model, items=body.items, max_batch=settings.max_batch
     )
+    if settings.user_updates_on_ingest:
+        queue_user_updates(
+            session, model=model, counts=counts, max_attempts=settings.job_max_attempts
+        )
     session.commit()
     return IngestPublic(inserted=counts.inserted, updated=counts.updated)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service import store
-from service.api.deps import PredictKey, PredictorDep, SessionDep, SettingsDep
+from service.api.deps import MetricsDep, PredictKey, PredictorDep, SessionDep, SettingsDep
 from service.errors import Conflict, InvalidInput, NotFound, invalid
 from service.predictor import predict_items
 from service.schemas import PredictionsPublic, PredictRequest
@@ -26,6 +26,7 @@ async def predict(
     session: SessionDep,
     settings: SettingsDep,
     predictor: PredictorDep,
+    metrics: MetricsDep,
 ) -> Response:
     """Per user: the prediction on the label's scale (class and probabilities for
     classification) and whether the user was personalised; one forward pass per request."""
@@ -40,6 +41,9 @@ async def predict(
         raise Conflict(f"model {name!r} has no active version yet: run a refit first")
     loaded = predictor.load(version)
     predictions = predict_items(session, model=model, loaded=loaded, items=body.items)
+    metrics.count_predictions(
+        model.name, sum(p.personalized for p in predictions), len(predictions)
+    )
     answer = PredictionsPublic(model=model.name, version=version.version, predictions=predictions)
     # Serialise directly: FastAPI would otherwise re-validate the (already typed) answer against
     # response_model, which for a 1 000-user batch costs more than the forward pass.

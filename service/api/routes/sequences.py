@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from service import store
 from service.api.deps import (
     IngestKey,
+    MetricsDep,
     ModelDep,
     PredictKey,
     PredictorDep,
@@ -14,7 +15,7 @@ from service.api.deps import (
     SettingsDep,
 )
 from service.errors import Conflict, InvalidInput, NotFound, invalid
-from service.ingest import ingest_sequences
+from service.ingest import ingest_sequences, queue_user_updates
 from service.predictor import decode_request, segment_matrix
 from service.schemas import DecodePublic, DecodeRequest, IngestPublic, SequencesCreate
 from service.validation import check_batch_size
@@ -32,6 +33,10 @@ def post_sequences(
 ) -> IngestPublic:
     """Insert or update labelled sequences keyed on (user, sequence_id)."""
     counts = ingest_sequences(session, model=model, items=body.items, max_batch=settings.max_batch)
+    if settings.user_updates_on_ingest:
+        queue_user_updates(
+            session, model=model, counts=counts, max_attempts=settings.job_max_attempts
+        )
     session.commit()
     return IngestPublic(inserted=counts.inserted, updated=counts.updated)
 
@@ -44,6 +49,7 @@ def decode(
     session: SessionDep,
     settings: SettingsDep,
     predictor: PredictorDep,
+    metrics: MetricsDep,
 ) -> DecodePublic:
     """The most likely state path for one user's sequence, with θ̄ + θⁱ of that user."""
     check_batch_size(len(body.segments), settings.max_batch)
@@ -59,4 +65,6 @@ def decode(
     if version is None:
         raise Conflict(f"model {name!r} has no active version yet: run a refit first")
     loaded = predictor.load(version)
-    return decode_request(session, model=model, loaded=loaded, request=body, x=x)
+    answer = decode_request(session, model=model, loaded=loaded, request=body, x=x)
+    metrics.count_predictions(model.name, int(answer.personalized), 1)
+    return answer

@@ -1,0 +1,149 @@
+"""Champion/challenger: a refit's new version is activated only if it scores no worse than the
+active version on the same held-out labels.
+
+Both are scored per person (then averaged) on the refit's validation split, and both the same
+way. The champion's stored θⁱ cannot be used as they are: per-user updates fit θⁱ on *all* of a
+user's labels, validation labels included, which would hand the champion an unfair lead. So
+each version is scored as it serves after per-user updates on the same training labels: its
+θ̄, σ², Σ with each validation user's θⁱ re-estimated by the E-step (``fit_person``) on that
+user's training split, starting from the version's own row for them. Identical training data
+and seed therefore give identical scores (a tie activates: "not worse").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from service import store
+from service.artifacts import load_verified
+from service.sequence_support import SequenceData
+from service.tables import ModelVersion
+
+TIE_TOLERANCE = 1e-4
+"""Relative slack (0.01 %) below which two scores count as equal: the E-step's L-BFGS stops at
+a tolerance, so identical versions can differ in the 6th digit, and noise is not "worse"."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to activate a challenger, and why."""
+
+    activate: bool
+    reason: str
+    challenger_score: float | None
+    champion_score: float | None
+    champion_version: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (stored in the version's metrics and the job's progress)."""
+        return asdict(self)
+
+
+def decide(
+    challenger_score: float | None,
+    champion_score: float | None,
+    champion_version: int | None,
+    *,
+    score_name: str,
+    champion_error: str | None = None,
+) -> Decision:
+    """Activate unless the champion scored strictly better (higher is better)."""
+
+    def make(activate: bool, reason: str) -> Decision:
+        return Decision(activate, reason, challenger_score, champion_score, champion_version)
+
+    if champion_version is None:
+        return make(True, "no active version to compare with")
+    if challenger_score is None:
+        return make(True, "no validation labels: nothing to compare on")
+    if champion_score is None:
+        return make(True, f"version {champion_version} cannot be scored: {champion_error}")
+    if challenger_score >= champion_score - TIE_TOLERANCE * max(1.0, abs(champion_score)):
+        return make(
+            True,
+            f"{score_name} {challenger_score:.4g} is not worse than version "
+            f"{champion_version}'s {champion_score:.4g}",
+        )
+    return make(
+        False,
+        f"{score_name} {challenger_score:.4g} is worse than active version "
+        f"{champion_version}'s {champion_score:.4g} on the same validation labels; "
+        "kept as ready (activate it manually if wanted)",
+    )
+
+
+def score_champion(
+    session: Session,
+    *,
+    champion: ModelVersion,
+    data: Any,
+    artifact_dir: Path,
+    device: str,
+) -> float:
+    """The active version's score on a refit's split (see module doc).
+
+    Raises ``ValueError`` (or ``ArtifactCorrupt``) when the champion cannot score these labels,
+    e.g. a class it never saw.
+    """
+    estimator = load_verified(
+        artifact_dir, champion.artifact_path, champion.artifact_sha256, device
+    )
+    persons = sorted(set(data.persons_val))
+    stored = store.fetch_person_params(session, version_id=champion.id, external_ids=persons)
+    init = {p: np.frombuffer(raw, dtype="<f4").copy() for p, raw in stored.items()}
+    return e_step_score(estimator, data, init)
+
+
+def score_challenger(estimator: Any, data: Any) -> float:
+    """The new version's score on its own split, computed exactly like the champion's."""
+    table = estimator.effects_matrix()  # (n_persons, d)
+    init = {str(p): table[k] for k, p in enumerate(estimator.person_ids_)}
+    return e_step_score(estimator, data, init)
+
+
+def e_step_score(estimator: Any, data: Any, init: dict[str, np.ndarray]) -> float:
+    """Per-person validation score with each validation user's θⁱ re-estimated by the E-step on
+    their training labels (from ``init[user]`` when given; users without training labels keep
+    ``init`` or get the generic model)."""
+    train_rows: dict[str, list[int]] = defaultdict(list)
+    for k, person in enumerate(data.persons_train):
+        train_rows[person].append(k)
+    sequences = isinstance(data, SequenceData)
+    rows: dict[str, np.ndarray] = {}
+    for person in sorted(set(data.persons_val)):
+        start = init.get(person)
+        index = train_rows.get(person, [])
+        if not index:
+            if start is not None:
+                rows[person] = start
+            continue
+        if sequences:
+            chosen = [data.train[k] for k in index]
+            rows[person] = estimator.fit_person(
+                [x for x, _ in chosen], [labels for _, labels in chosen], init=start
+            )
+        else:
+            rows[person] = estimator.fit_person(
+                data.x_train[index], data.y_train[index], init=start
+            )
+    n_val = len(data.persons_val)
+    effects = np.zeros((n_val, estimator.n_effects_), dtype=np.float32)  # (n_val, d)
+    known = np.zeros(n_val, dtype=bool)
+    for k, person in enumerate(data.persons_val):
+        if person in rows:
+            effects[k], known[k] = rows[person], True
+    if sequences:
+        return float(
+            estimator.score_per_person(data.val, data.persons_val, effects=effects, known=known)
+        )
+    return float(
+        estimator.score_per_person(
+            data.x_val, data.y_val, data.persons_val, effects=effects, known=known
+        )
+    )

@@ -1,0 +1,56 @@
+"""When the worker queues a refit by itself: enough new labels, or an old active version.
+
+"New" labels are labelled observations or sequences added or changed after the active version
+read its training data (``trained_until``). A model without an active version counts all of its
+labels, so its first version trains once enough have arrived. The age rule only fires when at
+least one label is new (retraining on identical data would reproduce the same version).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from service import store
+from service.jobs.queue import enqueue_job, pending_refit
+from service.tables import utcnow
+
+
+@dataclass(frozen=True)
+class Triggered:
+    """A refit the check queued: for which model, its job id, and why."""
+
+    model: str
+    job_id: int
+    reason: str
+
+
+def check_refit_triggers(
+    session: Session, *, min_new_labels: int, max_age_seconds: float, max_attempts: int = 3
+) -> list[Triggered]:
+    """Queue a refit for every model whose rule fires and that has none queued or running.
+
+    Flushes; the caller commits.
+    """
+    triggered: list[Triggered] = []
+    now = utcnow()
+    for model in store.list_models(session):
+        if pending_refit(session, model_id=model.id):
+            continue
+        active = store.get_active_version(session, model_id=model.id)
+        since = active.trained_until if active is not None else None
+        new = store.count_labels_since(session, model_id=model.id, since=since)
+        reason = None
+        if min_new_labels and new >= min_new_labels:
+            reason = f"{new} new labels (threshold {min_new_labels})"
+        elif active is not None and max_age_seconds and new > 0:
+            age = (now - active.created_at).total_seconds()
+            if age > max_age_seconds:
+                reason = f"version {active.version} is {age:.0f} s old with {new} new labels"
+        if reason is not None:
+            job, _ = enqueue_job(
+                session, kind="refit", model_id=model.id, max_attempts=max_attempts
+            )
+            triggered.append(Triggered(model.name, job.id, reason))
+    return triggered
