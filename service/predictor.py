@@ -93,14 +93,13 @@ def gather_effects(
     stored = store.fetch_person_params(session, version_id=loaded.version_id, external_ids=user_ids)
     d = loaded.n_effects
     effects = np.zeros((len(user_ids), d), dtype=np.float32)
-    known = np.zeros(len(user_ids), dtype=bool)
-    for i, user_id in enumerate(user_ids):
-        raw = stored.get(user_id)
-        if raw is not None:
-            row = np.frombuffer(raw, dtype="<f4")
-            assert row.shape == (d,), f"θⁱ of {user_id} has {row.size} values, expected {d}"
-            effects[i] = row
-            known[i] = True
+    known = np.fromiter((u in stored for u in user_ids), dtype=bool, count=len(user_ids))
+    if known.any():
+        # one buffer for all known rows: no per-user numpy calls
+        raw = b"".join(stored[u] for u, k in zip(user_ids, known, strict=True) if k)
+        flat = np.frombuffer(raw, dtype="<f4")
+        assert flat.size == int(known.sum()) * d, f"θⁱ rows do not have {d} values each"
+        effects[known] = flat.reshape(-1, d)
     return effects, known
 
 
