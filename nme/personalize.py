@@ -119,6 +119,29 @@ def resolve_placement(module: nn.Module, placement: Placement) -> list[str]:
     return [n for n in names if n in chosen]
 
 
+_Active = tuple[dict[str, torch.Tensor], torch.Tensor | None, tuple[torch.Tensor, int] | None]
+"""What the linear hooks read during a forward: θⁱ split per parameter ``{name: (u, *shape)}``,
+the item → person index ``(batch,)`` (None: one row per item), and the grouping of
+:func:`_groups`."""
+
+
+def _groups(g: Gathered, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``(slot (batch,), largest group)``: each item's position among its person's items.
+
+    Only worth it when the batch holds few persons with many items each (e.g. person batches);
+    with about one item per person the per-item path is cheaper.
+    """
+    inverse = g.inverse
+    if inverse is None or x.dim() != 2 or g.unique.shape[0] * 4 > x.shape[0]:
+        return None
+    counts = torch.bincount(inverse, minlength=g.unique.shape[0])  # (u,)
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(inverse)
+    slot[order] = torch.arange(inverse.shape[0], device=inverse.device) - starts[inverse[order]]
+    return slot, int(counts.max())
+
+
 class PersonalizedModule(nn.Module):
     """Wraps ``base`` so that the ``placement`` parameters are θ̄ + θⁱ[person].
 
@@ -173,17 +196,23 @@ class PersonalizedModule(nn.Module):
     def _linear_hook(
         self, owner: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> torch.Tensor | None:
-        active: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = getattr(
-            self._active, "deltas", None
-        )
+        active: _Active | None = getattr(self._active, "deltas", None)
         if active is None:  # the base module called on its own: θ̄ only
             return None
-        deltas, inverse = active  # {name: (u, *shape)}, (batch,) or None
+        deltas, inverse, groups = active  # {name: (u, *shape)}, (batch,) or None
         prefix = f"{owner}." if owner else ""
         x = inputs[0]  # (batch, ..., in)
         b = x.shape[0]
         weight = deltas.get(f"{prefix}weight")  # (u, out, in)
-        if weight is not None:
+        if weight is not None and groups is not None and x.dim() == 2:
+            # few persons, many rows each: one real matmul per person over their rows, so
+            # θⁱ is never copied per sample
+            slot, size = groups
+            padded = x.new_zeros(weight.shape[0], size, x.shape[-1])
+            padded = padded.index_put((inverse, slot), x)  # (u, rows, in)
+            per_person = torch.bmm(padded, weight.transpose(1, 2))  # (u, rows, out)
+            output = output + per_person[inverse, slot]  # (batch, out)
+        elif weight is not None:
             if inverse is not None:
                 weight = weight[inverse]  # (batch, out, in)
             if x.dim() == 2:
@@ -239,7 +268,7 @@ class PersonalizedModule(nn.Module):
         if self.layout.dim == 0:
             return self.base(x), (ret or g.per_item())
         if self._hooked:
-            self._active.deltas = (self.layout.split(g.unique), g.inverse)
+            self._active.deltas = (self.layout.split(g.unique), g.inverse, _groups(g, x))
             try:
                 out = self.base(x)
             finally:

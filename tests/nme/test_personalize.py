@@ -101,3 +101,26 @@ def test_gradients_are_sparse_and_absent_rows_bit_identical() -> None:
     after = module.persons.weight.detach()
     assert torch.equal(after[5:], before[5:]), "rows without data must be bit-identical"
     assert not torch.equal(after[:5], before[:5]), "rows with data must have moved"
+
+
+def test_grouped_and_per_item_linear_paths_agree() -> None:
+    """A batch of few persons with many rows each takes the grouped-matmul path."""
+    torch.manual_seed(0)
+    module = PersonalizedModule(MLP(3, (8,), 2), "all", n_persons=6, method="nme")
+    with torch.no_grad():
+        module.persons.weight.normal_()
+    x = torch.randn(40, 3, requires_grad=True)
+    persons = torch.tensor([0, 3, 3, 5] * 10)  # 3 persons, 40 rows: grouped
+    out, _ = module(x, persons)
+    out.sum().backward()
+    grad_x, grad_table = x.grad.clone(), module.persons.weight.grad.to_dense().clone()
+    x.grad = None
+    module.zero_grad()
+    # the same rows one person per item (per-item path): identical values and gradients
+    rows = module.persons.weight[persons].detach().requires_grad_(True)
+    ref, _ = module(x, effects=rows)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad_x, x.grad)
+    expected = torch.zeros_like(grad_table).index_add_(0, persons, rows.grad)
+    torch.testing.assert_close(grad_table, expected)
