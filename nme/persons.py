@@ -109,8 +109,9 @@ class RowAdam(torch.optim.Optimizer):
                     raise ValueError("RowAdam needs sparse row gradients (PersonTable)")
                 idx = grad._indices()[0]  # (rows,)
                 values = grad._values()  # (rows, dim)
-                unique, inverse = torch.unique(idx, return_inverse=True)
-                if unique.shape[0] != idx.shape[0]:
+                # PersonTable.gather emits strictly increasing rows; merge duplicates otherwise
+                if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                    unique, inverse = torch.unique(idx, return_inverse=True)
                     values = values.new_zeros(unique.shape[0], values.shape[1]).index_add_(
                         0, inverse, values
                     )

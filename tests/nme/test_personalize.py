@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nme.mlp import MLP
@@ -124,3 +125,24 @@ def test_grouped_and_per_item_linear_paths_agree() -> None:
     torch.testing.assert_close(grad_x, x.grad)
     expected = torch.zeros_like(grad_table).index_add_(0, persons, rows.grad)
     torch.testing.assert_close(grad_table, expected)
+
+
+def test_row_adam_matches_sparse_adam_with_and_without_duplicate_rows() -> None:
+    from nme.persons import PersonTable, RowAdam
+
+    torch.manual_seed(0)
+    ours, ref = PersonTable(10, 4), PersonTable(10, 4)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    opt_ours = RowAdam([ours.weight], lr=0.01)
+    opt_ref = torch.optim.SparseAdam([ref.weight], lr=0.01)
+    for _ in range(5):
+        persons, target = torch.randint(0, 6, (7,)), torch.randn(7, 4)
+        for table, opt in ((ours, opt_ours), (ref, opt_ref)):
+            for gather in (table, lambda p, t=table: F.embedding(p, t.weight, sparse=True)):
+                opt.zero_grad()
+                ((gather(persons) - target) ** 2).sum().backward()  # type: ignore[operator]
+                opt.step()
+    torch.testing.assert_close(ours.weight, ref.weight)
+    assert torch.equal(ours.weight[6:], ref.weight[6:])
