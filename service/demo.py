@@ -139,9 +139,12 @@ def curl_commands(result: DemoResult, base_url: str) -> str:
             f"curl -s {base_url}/v1/models/mood/observations {auth} {json_header} "
             f"-d '{observation}'",
             "",
-            "# versions, and a refit (trains a new version and activates it):",
+            "# learning runs in the background: start a worker in another terminal",
+            "#   .venv/bin/nme-service worker     (from this directory: the same ./var database)",
+            "# then the labels above personalise 'someone-new', and a refit is a job:",
             f"curl -s {base_url}/v1/models/mood/versions {auth}",
-            f"curl -s -X POST {base_url}/v1/models/mood/refit {auth}",
+            f"curl -s -X POST {base_url}/v1/models/mood/refit {auth}   # 202 + the job",
+            f"curl -s {base_url}/v1/models/mood/jobs {auth}",
             "",
             f"# interactive API docs: {base_url}/docs",
         ]
