@@ -268,7 +268,13 @@ class PersonalizedModule(nn.Module):
         if self.layout.dim == 0:
             return self.base(x), (ret or g.per_item())
         if self._hooked:
-            self._active.deltas = (self.layout.split(g.unique), g.inverse, _groups(g, x))
+            groups = _groups(g, x)
+            if groups is None and g.inverse is not None:
+                # one gather of whole rows instead of one per placed tensor in the hooks
+                deltas = self.layout.split(g.per_item())  # {name: (batch, *shape)}
+                self._active.deltas = (deltas, None, None)
+            else:
+                self._active.deltas = (self.layout.split(g.unique), g.inverse, groups)
             try:
                 out = self.base(x)
             finally:

@@ -119,16 +119,16 @@ class RowAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    # both moments of a row side by side: one gather and one scatter per step
+                    state["moments"] = p.new_zeros(p.shape[0], 2, p.shape[1])
                 state["step"] += 1
                 t = state["step"]
-                m = state["exp_avg"].index_select(0, idx).mul_(beta1).add_(values, alpha=1 - beta1)
-                v = state["exp_avg_sq"].index_select(0, idx).mul_(beta2)
-                v.addcmul_(values, values, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, idx, m)
-                state["exp_avg_sq"].index_copy_(0, idx, v)
-                denom = v.sqrt_().div_(math.sqrt(1 - beta2**t)).add_(group["eps"])
+                moments = state["moments"].index_select(0, idx)  # (rows, 2, dim)
+                m, v = moments[:, 0], moments[:, 1]
+                m.mul_(beta1).add_(values, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                state["moments"].index_copy_(0, idx, moments)
+                denom = v.sqrt().div_(math.sqrt(1 - beta2**t)).add_(group["eps"])
                 step_size = group["lr"] / (1 - beta1**t)
                 rows = p.index_select(0, idx).addcdiv_(m, denom, value=-step_size)
                 p.index_copy_(0, idx, rows)
