@@ -412,21 +412,7 @@ def run_fit(args: argparse.Namespace) -> int:
                   "classes do not occur in the training rows", file=sys.stderr)
             val = val[~unseen]
 
-    est = TASKS[args.task](
-        hidden=args.hidden,
-        placement=args.placement,
-        method=args.method,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        anneal=args.anneal,
-        m_step=args.m_step,
-        device=device,
-        random_state=args.seed,
-        verbose=args.verbose,
-    )
+    est = TASKS[args.task](**_estimator_options(args, device))
     validation: dict[str, Any] = {}
     if not val.empty:
         validation = {
@@ -693,6 +679,25 @@ def _forbidden(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _estimator_options(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """The constructor arguments every estimator shares, from ``nme fit``'s options."""
+    return {
+        "hidden": args.hidden,
+        "placement": args.placement,
+        "method": args.method,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "max_epochs": args.max_epochs,
+        "patience": args.patience,
+        "anneal": args.anneal,
+        "m_step": args.m_step,
+        "device": device,
+        "random_state": args.seed,
+        "verbose": args.verbose,
+    }
+
+
 def _fill_task_defaults(args: argparse.Namespace) -> None:
     """Options whose sensible default depends on ``--task`` (rows vs whole sequences)."""
     defaults = _SEQ_DEFAULTS if args.task == SEQUENCE_TASK else _DEFAULTS
@@ -790,21 +795,9 @@ def run_fit_sequences(args: argparse.Namespace) -> int:
         val = [s for s, k in zip(val, keep, strict=True) if k]
 
     est = NMESequenceTagger(
-        hidden=args.hidden,
-        placement=args.placement,
-        method=args.method,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        max_epochs=args.max_epochs,
-        patience=args.patience,
-        anneal=args.anneal,
-        m_step=args.m_step,
+        **_estimator_options(args, device),
         learn_start_end=args.learn_start_end,
         allowed=args.forbid,
-        device=device,
-        random_state=args.seed,
-        verbose=args.verbose,
     )
     validation: dict[str, Any] = {}
     if val:
