@@ -33,6 +33,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY nme ./nme
 COPY service ./service
+COPY migrations ./migrations
 COPY alembic.ini ./
 RUN pip install . && python -c "import service.app, nme"
 

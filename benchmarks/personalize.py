@@ -3,9 +3,10 @@
 Builds the demo (200 simulated users × 60 days, the demo's `mood` model, SQLite) and measures on
 CPU, for a brand-new user with 10, 100 and 1 000 labels:
 
-    update      the per-user update alone (``service.user_update.update_user``: read the user's
-                labels and θⁱ row, E-step with θ̄/σ²/Σ fixed, upsert the row) for a user without
-                a row (the E-step starts at the prior), artifact cached, median of 5 runs;
+    update      the per-user update alone (``service.learning.user_update.update_user``: read
+                the user's labels and θⁱ row, E-step with θ̄/σ²/Σ fixed, upsert the row) for a
+                user without a row (the E-step starts at the prior), artifact cached, median of
+                5 runs;
     end-to-end  POST the labels to the API → a running ``nme-service worker`` process (polling
                 every 50 ms) claims the queued user_update and runs it → the first
                 ``/predict`` answer with ``personalized: true`` (median of 3 runs, fresh user
@@ -37,9 +38,9 @@ from service.app import create_app
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.demo import FEATURES, prepare_demo
-from service.predictor import Predictor
-from service.tables import Model, PersonParam, User
-from service.user_update import update_user
+from service.learning.serving import Predictor
+from service.learning.user_update import update_user
+from service.storage.tables import Model, PersonParam, User
 
 SIZES = (10, 100, 1000)
 

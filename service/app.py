@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.deps import KeyCache
+from service.api.prometheus import MetricsMiddleware, ServiceMetrics
 from service.api.routes import (
     health,
     jobs,
@@ -32,9 +33,8 @@ from service.api.routes import (
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.errors import ServiceError
-from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.learning.serving import Predictor
 from service.migrate import head_revision
-from service.predictor import Predictor
 
 DESCRIPTION = """Personalised predictions with Neural Mixed Effects (NME).
 

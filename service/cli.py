@@ -46,7 +46,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_create_key(settings: Settings, args: argparse.Namespace) -> int:
     """Create an API key and print it (it is not stored, only its hash)."""
-    from service.keys import create_key
+    from service.storage.keys import create_key
 
     scopes = parse_scopes(args.scopes)
     with _session(settings) as session:
@@ -62,7 +62,7 @@ def cmd_create_key(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_revoke_key(settings: Settings, args: argparse.Namespace) -> int:
     """Revoke a key by its full value or its public prefix."""
-    from service.keys import revoke_key
+    from service.storage.keys import revoke_key
 
     with _session(settings) as session:
         found = revoke_key(session, key_or_prefix=args.key)
@@ -83,7 +83,7 @@ def _limit_torch_threads(settings: Settings) -> None:
 
 def cmd_refit(settings: Settings, args: argparse.Namespace) -> int:
     """Train and activate a new version of a model, printing progress per epoch."""
-    from service.refit import refit_model
+    from service.jobs.tasks import refit_model
 
     _limit_torch_threads(settings)
 

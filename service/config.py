@@ -49,8 +49,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Intra-op threads torch may use in the API process and in `nme-service "
         "refit | demo` (0: torch's default). Serving runs many small forward passes; spreading "
-        "each over threads cost more in hand-offs than it saved (measured on 2 CPUs: a 1 000-row "
-        "batch took 88 ms on 2 threads, 1 ms on 1; 10 training epochs 10 s vs 2.3 s). Scale with "
+        "each over threads cost more in hand-offs than it saved (measurements in "
+        "docs/service.md, Performance). Scale with "
         "more processes instead.",
     )
     host: str = "127.0.0.1"

@@ -10,15 +10,16 @@ from dataclasses import dataclass
 import pandas as pd
 
 from nme.simulate import simulate_mood
-from service import migrate, store
+from service import migrate
+from service.api.schemas import ObservationCreate
 from service.auth import SCOPES
 from service.config import Settings
 from service.db import make_engine, make_session_factory
-from service.estimators import resolve_settings
-from service.ingest import ingest_observations
-from service.keys import create_key
-from service.refit import refit_model
-from service.schemas import ObservationCreate
+from service.jobs.tasks import refit_model
+from service.learning.ingest import ingest_observations
+from service.learning.kinds import kind_for
+from service.storage import store
+from service.storage.keys import create_key
 
 MODEL_NAME = "mood"
 FEATURES = ["weekday", "typing_speed", "screen_minutes", "gps_km"]
@@ -70,8 +71,7 @@ def prepare_demo(
             if model is None:
                 # Smaller batches and a higher rate than the defaults: 12 000 rows are only 24
                 # steps per epoch at 512, and the demo should train in seconds.
-                architecture, training = resolve_settings(
-                    "regression",
+                architecture, training = kind_for("regression").resolve_settings(
                     {"hidden": [64, 64]},
                     {"max_epochs": max_epochs, "lr": 3e-3, "batch_size": 256, "patience": 10},
                 )

@@ -1,11 +1,14 @@
 """Run Alembic programmatically, from any working directory.
 
-The migration scripts ship inside the package (``service/migrations``), so an installed service
-(a wheel, a container) can migrate its database without the repository's ``alembic.ini``.
+The migration scripts live in the repository's top-level ``migrations/`` folder, which the build
+maps into the package as ``service.migrations`` (``pyproject.toml``: ``package-dir``). So a clone
+(editable install), a wheel and the container all find them through the import system, and can
+migrate a database without the repository's ``alembic.ini``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from alembic import command
@@ -16,7 +19,16 @@ from sqlalchemy import Engine
 
 from service.config import normalize_database_url
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+def _migrations_dir() -> Path:
+    spec = importlib.util.find_spec("service.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    # A source checkout on sys.path that was never installed.
+    return Path(__file__).resolve().parents[1] / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 def alembic_config(url: str) -> Config:

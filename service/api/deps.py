@@ -17,13 +17,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service import store
+from service.api.prometheus import ServiceMetrics
 from service.auth import hash_key, key_matches, key_prefix
 from service.config import Settings
 from service.errors import NotFound
-from service.metrics import ServiceMetrics
-from service.predictor import Predictor
-from service.tables import Model
+from service.learning.serving import Predictor
+from service.storage import store
+from service.storage.tables import Model
 
 # Dependencies that do no I/O are ``async def`` on purpose: FastAPI runs every sync dependency
 # in its threadpool, and those hand-offs (two per sync generator) cost more than a prediction.

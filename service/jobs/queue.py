@@ -24,8 +24,8 @@ from typing import Any, Literal
 from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from service.store import dialect_insert
-from service.tables import Job, utcnow
+from service.storage.store import dialect_insert
+from service.storage.tables import Job, utcnow
 
 JobKind = Literal["refit", "user_update"]
 

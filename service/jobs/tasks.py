@@ -1,6 +1,7 @@
-"""What each kind of job does. Both runners write their result and mark the job succeeded in
-ONE transaction (through the pipelines' ``before_commit`` hooks), so a crash can never leave a
-result without a finished job or a finished job without its result.
+"""What each kind of job does. The runners own the write transaction: the pipeline returns
+its result (a trained version, a fitted θⁱ row), and the runner writes it, queues what follows
+from it and marks the job succeeded in ONE transaction, so a crash can never leave a result
+without a finished job or a finished job without its result.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import NotFound
-from service.jobs.queue import finish_job
-from service.predictor import Predictor
-from service.refit import refit_model
-from service.tables import Model, ModelVersion
-from service.user_update import UserUpdateOutcome, update_user
+from service.jobs.queue import enqueue_user_updates, finish_job
+from service.learning import refit
+from service.learning.serving import Predictor
+from service.learning.user_update import fit_user, write_user_fit
+from service.storage.tables import Model, ModelVersion
 
 
 class JobLost(RuntimeError):
@@ -69,22 +70,17 @@ def _finish(session: Session, claim: Claim, result: JobResult) -> None:
 
 
 def run_user_update(context: JobContext, claim: Claim) -> JobResult:
-    """Re-fit one user's θⁱ in the active version (see ``service.user_update``)."""
+    """Re-fit one user's θⁱ in the active version (see ``service.learning.user_update``)."""
     assert claim.user_id is not None
-    results: list[JobResult] = []
-
-    def before_commit(session: Session, outcome: UserUpdateOutcome) -> None:
-        results.append(JobResult(outcome.as_dict(), outcome.version))
-        _finish(session, claim, results[0])
-
-    update_user(
-        context.session_factory,
-        context.predictor,
-        model_id=claim.model_id,
-        user_id=claim.user_id,
-        before_commit=before_commit,
+    fit = fit_user(
+        context.session_factory, context.predictor, model_id=claim.model_id, user_id=claim.user_id
     )
-    return results[0]
+    result = JobResult(fit.outcome.as_dict(), fit.outcome.version)
+    with context.session_factory() as session:
+        write_user_fit(session, fit)
+        _finish(session, claim, result)
+        session.commit()
+    return result
 
 
 def run_refit(context: JobContext, claim: Claim) -> JobResult:
@@ -101,34 +97,75 @@ def run_refit(context: JobContext, claim: Claim) -> JobResult:
         last.update(epoch_progress(record, max_epochs))
         context.progress(dict(last))
 
-    results: list[JobResult] = []
-
-    def before_commit(session: Session, version: ModelVersion) -> None:
-        decision = version.metrics.get("champion_challenger", {})
-        activated = version.status == "active"
-        progress = {
-            **last,
-            "stage": "done",
-            "activated": activated,
-            "message": f"version {version.version} "
-            + ("activated" if activated else "kept ready")
-            + (f": {decision['reason']}" if decision else ""),
-            "champion_challenger": decision or None,
-        }
-        results.append(JobResult(progress, version.version))
-        _finish(session, claim, results[0])
-
-    refit_model(
+    trained = refit.train_version(
         context.session_factory,
         model_name=name,
         artifact_dir=context.artifact_dir,
         device=context.device,
         activate="if_not_worse",
         callback=on_epoch,
-        before_commit=before_commit,
-        max_attempts=context.max_attempts,
     )
-    return results[0]
+    with refit.keep_artifact_if_committed(trained), context.session_factory() as session:
+        version = record_with_follow_ups(session, trained, max_attempts=context.max_attempts)
+        result = JobResult(refit_progress(version, last), version.version)
+        _finish(session, claim, result)
+        session.commit()
+    return result
+
+
+def record_with_follow_ups(
+    session: Session, trained: refit.TrainedVersion, *, max_attempts: int, follow_up: bool = True
+) -> ModelVersion:
+    """Record a trained version and, when it becomes active (and ``follow_up``), queue a
+    per-user update for every user whose labels changed while it trained, so those labels reach
+    its θⁱ (flushes)."""
+    version = refit.record_version(session, trained)
+    if follow_up and version.status == "active":
+        users = refit.users_to_follow_up(session, trained)
+        enqueue_user_updates(
+            session, model_id=trained.model.id, user_ids=users, max_attempts=max_attempts
+        )
+    return version
+
+
+def refit_model(
+    session_factory: sessionmaker[Session],
+    *,
+    model_name: str,
+    artifact_dir: Path,
+    device: str,
+    activate: refit.ActivationRule = True,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    follow_up_updates: bool = True,
+    max_attempts: int = 3,
+) -> ModelVersion:
+    """A refit outside the worker (``nme-service refit``, the demo): train, then commit the
+    version, its θⁱ rows and the follow-up user updates in one transaction."""
+    trained = refit.train_version(
+        session_factory, model_name=model_name, artifact_dir=artifact_dir, device=device,
+        activate=activate, callback=callback,
+    )
+    with refit.keep_artifact_if_committed(trained), session_factory() as session:
+        version = record_with_follow_ups(
+            session, trained, max_attempts=max_attempts, follow_up=follow_up_updates
+        )
+        session.commit()
+        return version
+
+
+def refit_progress(version: ModelVersion, last: dict[str, Any]) -> dict[str, Any]:
+    """A finished refit's final progress: the last epoch's numbers and what was decided."""
+    decision = version.metrics.get("champion_challenger", {})
+    activated = version.status == "active"
+    return {
+        **last,
+        "stage": "done",
+        "activated": activated,
+        "message": f"version {version.version} "
+        + ("activated" if activated else "kept ready")
+        + (f": {decision['reason']}" if decision else ""),
+        "champion_challenger": decision or None,
+    }
 
 
 def epoch_progress(record: dict[str, Any], max_epochs: int | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""When the worker queues a refit by itself: enough new labels, or an old active version.
+"""When jobs are queued without being asked for: a per-user update when a user's labels change,
+and a refit when enough new labels accrued or the active version is old.
 
 "New" labels are labelled observations or sequences added or changed after the active version
 read its training data (``trained_until``). A model without an active version counts all of its
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from service import store
-from service.jobs.queue import enqueue_job, pending_refit
-from service.tables import utcnow
+from service.jobs.queue import enqueue_job, enqueue_user_updates, pending_refit
+from service.storage import store
+from service.storage.tables import Model, utcnow
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,18 @@ def check_refit_triggers(
             )
             triggered.append(Triggered(model.name, job.id, reason))
     return triggered
+
+
+def queue_user_updates(
+    session: Session, *, model: Model, counts: store.UpsertCounts, max_attempts: int = 3
+) -> int:
+    """Queue a coalesced per-user update for every user whose labels an ingest changed, in the
+    ingest's own transaction (labels and their jobs commit together). Only models with an active
+    version are updated per user; the others wait for their first refit. Returns jobs queued."""
+    if not counts.labelled_users:
+        return 0
+    if store.get_active_version(session, model_id=model.id) is None:
+        return 0
+    return enqueue_user_updates(
+        session, model_id=model.id, user_ids=counts.labelled_users, max_attempts=max_attempts
+    )

@@ -35,7 +35,7 @@ from service.errors import ServiceError
 from service.jobs import queue
 from service.jobs.tasks import RUNNERS, Claim, JobContext, JobLost
 from service.jobs.triggers import check_refit_triggers
-from service.predictor import Predictor
+from service.learning.serving import Predictor
 
 log = logging.getLogger("service.worker")
 

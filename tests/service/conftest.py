@@ -22,8 +22,8 @@ from service import migrate
 from service.app import create_app
 from service.config import Settings
 from service.db import make_engine, make_session_factory
-from service.keys import create_key
-from service.tables import Base
+from service.storage.keys import create_key
+from service.storage.tables import Base
 from tests.service.factories import create_model, ingest, refit, simulated_items
 
 POSTGRES_URL = os.environ.get(

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.routing import BaseRoute
 
 from service.auth import generate_key, key_matches, key_prefix, parse_scopes
-from service.keys import create_key, revoke_key
-from service.tables import ApiKey
+from service.storage.keys import create_key, revoke_key
+from service.storage.tables import ApiKey
 
 OPEN_ROUTES = {"/healthz", "/readyz"}
 FILLERS = {"name": "mood", "version": "1", "user_id": "u1", "job_id": "1"}

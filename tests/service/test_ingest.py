@@ -11,7 +11,7 @@ from httpx import Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.tables import Observation, Sequence, User
+from service.storage.tables import Observation, Sequence, User
 from tests.service.factories import create_model, features, ingest, simulated_items
 
 

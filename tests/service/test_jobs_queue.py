@@ -13,7 +13,7 @@ from sqlalchemy.orm import sessionmaker
 
 from service.jobs import queue
 from service.jobs.triggers import check_refit_triggers
-from service.tables import Job, Model, User, utcnow
+from service.storage.tables import Job, Model, User, utcnow
 from tests.service.factories import features, get_job, ingest, run_jobs, simulated_items
 
 WIRE_KEYS = {

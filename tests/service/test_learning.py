@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-import service.refit as refit_module
+import service.learning.refit as refit_module
 from service.jobs import tasks
-from service.tables import Job, PersonParam, User
+from service.storage.tables import Job, PersonParam, User
 from tests.service.factories import (
     features,
     get_job,

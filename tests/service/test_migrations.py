@@ -16,7 +16,7 @@ from service.app import create_app
 from service.cli import main
 from service.config import Settings
 from service.db import make_engine
-from service.tables import Base
+from service.storage.tables import Base
 from tests.service.conftest import create_pg_database, drop_pg_database, postgres_or_skip
 
 

@@ -44,7 +44,7 @@ def test_personalised_user_differs_from_unknown_user(
 def test_prediction_matches_the_estimator(
     client: TestClient, auth: Callable, trained_mood: dict, settings, session_factory
 ) -> None:
-    from service import store
+    from service.storage import store
 
     with session_factory() as session:
         model = store.get_model(session, name="mood")

@@ -13,12 +13,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from nme import load_estimator
-from service import store
-from service.artifacts import artifact_sha256
 from service.config import Settings
 from service.errors import Conflict
-from service.refit import refit_model, temporal_split
-from service.tables import ModelVersion, PersonParam, User
+from service.jobs.tasks import refit_model
+from service.learning.kinds.base import temporal_split
+from service.storage import store
+from service.storage.artifacts import artifact_sha256
+from service.storage.tables import ModelVersion, PersonParam, User
 from tests.service.factories import features, ingest, simulated_items
 
 
@@ -122,7 +123,7 @@ def test_users_forgotten_during_training_get_no_row(
     session_factory: sessionmaker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import service.refit as refit_module
+    import service.learning.refit as refit_module
 
     ingest(client, auth, simulated_items(n_users=4, n_days=10))
     original = refit_module.fit_estimator
@@ -173,7 +174,7 @@ def test_corrupt_artifact_is_refused(
     settings: Settings,
     session_factory: sessionmaker,
 ) -> None:
-    from service.artifacts import ArtifactCorrupt, load_verified
+    from service.storage.artifacts import ArtifactCorrupt, load_verified
 
     with session_factory() as session:
         version = session.scalars(select(ModelVersion)).one()

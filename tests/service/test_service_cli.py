@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from service.app import create_app
 from service.cli import main
 from service.config import Settings
-from service.tables import ApiKey
+from service.storage.tables import ApiKey
 from tests.service.factories import ingest, simulated_items
 
 

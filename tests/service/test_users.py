@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.tables import Observation, PersonParam, Sequence, User
+from service.storage.tables import Observation, PersonParam, Sequence, User
 from tests.service.factories import create_model, features, predict
 
 

@@ -21,8 +21,8 @@ from sqlalchemy.orm import sessionmaker
 
 from service.config import Settings
 from service.jobs import queue
-from service.refit import refit_model
-from service.tables import Job, Model, ModelVersion, Observation, PersonParam, User, utcnow
+from service.jobs.tasks import refit_model
+from service.storage.tables import Job, Model, ModelVersion, Observation, PersonParam, User, utcnow
 from tests.service.factories import create_model, features, ingest, predict, simulated_items
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.api.schemas import HealthPublic, ReadyPublic
 from service.migrate import current_revision
-from service.schemas import HealthPublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
 

@@ -12,12 +12,12 @@ from typing import Literal
 from fastapi import APIRouter, Query, status
 from sqlalchemy.orm import Session
 
-from service import store
 from service.api.deps import AdminKey, ModelDep, SessionDep, SettingsDep
+from service.api.schemas import JobCreate, JobEnvelope, JobPublic, JobsPublic
 from service.errors import Conflict, NotFound
 from service.jobs.queue import enqueue_job
-from service.schemas import JobCreate, JobEnvelope, JobPublic, JobsPublic
-from service.tables import Job, Model
+from service.storage import store
+from service.storage.tables import Job, Model
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from service import store
 from service.api.deps import AdminKey, AnyKey, ModelDep, PredictorDep, SessionDep
-from service.errors import Conflict, NotFound
-from service.estimators import resolve_settings
-from service.schemas import (
+from service.api.schemas import (
     ModelCreate,
     ModelPublic,
     ModelsPublic,
     VersionPublic,
     VersionsPublic,
 )
-from service.tables import Model
+from service.errors import Conflict, NotFound
+from service.learning.kinds import kind_for
+from service.storage import store
+from service.storage.tables import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -40,8 +40,8 @@ def create_model(_key: AdminKey, body: ModelCreate, session: SessionDep) -> Mode
     """Define a model: task, ordered features, classes/states, architecture, training."""
     if store.get_model(session, name=body.name) is not None:
         raise Conflict(f"model {body.name!r} already exists")
-    architecture, training = resolve_settings(
-        body.task, body.architecture.model_dump(), body.training.model_dump()
+    architecture, training = kind_for(body.task).resolve_settings(
+        body.architecture.model_dump(), body.training.model_dump()
     )
     model = store.add_model(
         session,

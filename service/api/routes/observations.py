@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import IngestKey, ModelDep, SessionDep, SettingsDep
-from service.ingest import ingest_observations, queue_user_updates
-from service.schemas import IngestPublic, ObservationsCreate
+from service.api.schemas import IngestPublic, ObservationsCreate
+from service.jobs.triggers import queue_user_updates
+from service.learning.ingest import ingest_observations
 
 router = APIRouter(prefix="/v1/models", tags=["ingest"])
 

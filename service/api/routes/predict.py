@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service import store
 from service.api.deps import MetricsDep, PredictKey, PredictorDep, SessionDep, SettingsDep
-from service.errors import Conflict, InvalidInput, NotFound, invalid
-from service.predictor import predict_items
-from service.schemas import PredictionsPublic, PredictRequest
-from service.validation import check_batch_size
+from service.api.schemas import PredictionPublic, PredictionsPublic, PredictRequest
+from service.errors import Conflict, NotFound
+from service.learning.kinds import kind_of
+from service.learning.serving import predict_batch
+from service.learning.validation import check_batch_size
+from service.storage import store
 
 router = APIRouter(prefix="/v1/models", tags=["predict"])
 
@@ -35,12 +36,23 @@ async def predict(
     if found is None:
         raise NotFound(f"model {name!r} not found")
     model, version = found
-    if model.task == "sequence":
-        raise InvalidInput([invalid(["path", "name"], "sequence models answer /decode")])
+    kind = kind_of(model)
+    kind.require_route(model, "predict")
     if version is None:
         raise Conflict(f"model {name!r} has no active version yet: run a refit first")
     loaded = predictor.load(version)
-    predictions = predict_items(session, model=model, loaded=loaded, items=body.items)
+    x = kind.serving_input(model, body.items)
+    predictions = [
+        PredictionPublic(
+            user_id=p.user_id,
+            prediction=p.prediction,
+            personalized=p.personalized,
+            probabilities=p.probabilities,
+        )
+        for p in predict_batch(
+            session, model=model, loaded=loaded, x=x, user_ids=[i.user_id for i in body.items]
+        )
+    ]
     metrics.count_predictions(
         model.name, sum(p.personalized for p in predictions), len(predictions)
     )

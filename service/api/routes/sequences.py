@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service import store
 from service.api.deps import (
     IngestKey,
     MetricsDep,
@@ -14,11 +13,14 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
 )
-from service.errors import Conflict, InvalidInput, NotFound, invalid
-from service.ingest import ingest_sequences, queue_user_updates
-from service.predictor import decode_request, segment_matrix
-from service.schemas import DecodePublic, DecodeRequest, IngestPublic, SequencesCreate
-from service.validation import check_batch_size
+from service.api.schemas import DecodePublic, DecodeRequest, IngestPublic, SequencesCreate
+from service.errors import Conflict, NotFound
+from service.jobs.triggers import queue_user_updates
+from service.learning.ingest import ingest_sequences
+from service.learning.kinds import kind_of
+from service.learning.serving import decode_sequence
+from service.learning.validation import check_batch_size
+from service.storage import store
 
 router = APIRouter(prefix="/v1/models", tags=["sequences"])
 
@@ -57,14 +59,24 @@ def decode(
     if found is None:
         raise NotFound(f"model {name!r} not found")
     model, version = found
-    if model.task != "sequence":
-        raise InvalidInput(
-            [invalid(["path", "name"], f"{name!r} is a {model.task} model: use /predict")]
-        )
-    x = segment_matrix(model, body)  # bad input is a 422 even before a version exists
+    kind = kind_of(model)
+    kind.require_route(model, "decode")
+    x = kind.serving_input(model, body.segments)  # bad input is a 422 even before a version
     if version is None:
         raise Conflict(f"model {name!r} has no active version yet: run a refit first")
     loaded = predictor.load(version)
-    answer = decode_request(session, model=model, loaded=loaded, request=body, x=x)
-    metrics.count_predictions(model.name, int(answer.personalized), 1)
-    return answer
+    decoded, personalized = decode_sequence(
+        session, model=model, loaded=loaded, user_id=body.user_id, x=x
+    )
+    metrics.count_predictions(model.name, int(personalized), 1)
+    states = [str(state) for state in loaded.estimator.states_]
+    return DecodePublic(
+        model=model.name,
+        version=loaded.version,
+        personalized=personalized,
+        path=decoded.path,
+        score=decoded.score,
+        marginals=[dict(zip(states, row, strict=True)) for row in decoded.marginals.tolist()]
+        if body.marginals
+        else None,
+    )

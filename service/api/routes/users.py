@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, Response, status
 
-from service import store
 from service.api.deps import AdminKey, ModelDep, PredictKey, PredictorDep, SessionDep
+from service.api.schemas import UserModelPublic
 from service.errors import NotFound
-from service.predictor import user_bias, user_transitions
-from service.schemas import UserModelPublic
+from service.learning.serving import user_summary
+from service.storage import store
+from service.storage.codec import decode_effects
 
 router = APIRouter(prefix="/v1", tags=["users"])
 
@@ -38,18 +38,16 @@ def get_user(
             bias=None,
         )
     param = store.get_person_param(session, version_id=version.id, user_id=user.id)
-    # A writable copy: torch warns on (and must not write into) a read-only buffer.
-    effects = None if param is None else np.frombuffer(param.effects, dtype="<f4").copy()
-    loaded = predictor.load(version)
-    sequence = model.task == "sequence"
+    effects = None if param is None else decode_effects(param.effects)
+    summary = user_summary(model, predictor.load(version), effects)
     return UserModelPublic(
         model=model.name,
         user_id=user_id,
         n_labels=n_labels,
         personalized=param is not None,
         version=version.version,
-        bias=None if sequence else user_bias(model, loaded, effects),
-        transitions=user_transitions(loaded, effects) if sequence else None,
+        bias=summary.bias,
+        transitions=summary.transitions,
     )
 
 

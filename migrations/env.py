@@ -10,7 +10,7 @@ from sqlalchemy.pool import NullPool
 
 from service.config import Settings, normalize_database_url
 from service.db import make_engine
-from service.tables import Base
+from service.storage.tables import Base
 
 config = context.config
 if config.config_file_name is not None:  # run via the repository's alembic.ini

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 from sqlalchemy.orm import Session
 
-from service import store
-from service.artifacts import load_verified
-from service.sequence_support import SequenceData
-from service.tables import ModelVersion
+from service.learning.kinds import TrainingData, kind_of
+from service.storage import store
+from service.storage.artifacts import load_verified
+from service.storage.codec import decode_effects
+from service.storage.tables import Model, ModelVersion
 
 TIE_TOLERANCE = 1e-4
 """Relative slack (0.01 %) below which two scores count as equal: the E-step's L-BFGS stops at
@@ -81,8 +82,9 @@ def decide(
 def score_champion(
     session: Session,
     *,
+    model: Model,
     champion: ModelVersion,
-    data: Any,
+    data: TrainingData,
     artifact_dir: Path,
     device: str,
 ) -> float:
@@ -96,25 +98,27 @@ def score_champion(
     )
     persons = sorted(set(data.persons_val))
     stored = store.fetch_person_params(session, version_id=champion.id, external_ids=persons)
-    init = {p: np.frombuffer(raw, dtype="<f4").copy() for p, raw in stored.items()}
-    return e_step_score(estimator, data, init)
+    init = {p: decode_effects(raw) for p, raw in stored.items()}
+    return e_step_score(model, estimator, data, init)
 
 
-def score_challenger(estimator: Any, data: Any) -> float:
+def score_challenger(model: Model, estimator: Any, data: TrainingData) -> float:
     """The new version's score on its own split, computed exactly like the champion's."""
     table = estimator.effects_matrix()  # (n_persons, d)
     init = {str(p): table[k] for k, p in enumerate(estimator.person_ids_)}
-    return e_step_score(estimator, data, init)
+    return e_step_score(model, estimator, data, init)
 
 
-def e_step_score(estimator: Any, data: Any, init: dict[str, np.ndarray]) -> float:
+def e_step_score(
+    model: Model, estimator: Any, data: TrainingData, init: dict[str, np.ndarray]
+) -> float:
     """Per-person validation score with each validation user's θⁱ re-estimated by the E-step on
     their training labels (from ``init[user]`` when given; users without training labels keep
     ``init`` or get the generic model)."""
     train_rows: dict[str, list[int]] = defaultdict(list)
     for k, person in enumerate(data.persons_train):
         train_rows[person].append(k)
-    sequences = isinstance(data, SequenceData)
+    kind = kind_of(model)
     rows: dict[str, np.ndarray] = {}
     for person in sorted(set(data.persons_val)):
         start = init.get(person)
@@ -123,27 +127,11 @@ def e_step_score(estimator: Any, data: Any, init: dict[str, np.ndarray]) -> floa
             if start is not None:
                 rows[person] = start
             continue
-        if sequences:
-            chosen = [data.train[k] for k in index]
-            rows[person] = estimator.fit_person(
-                [x for x, _ in chosen], [labels for _, labels in chosen], init=start
-            )
-        else:
-            rows[person] = estimator.fit_person(
-                data.x_train[index], data.y_train[index], init=start
-            )
+        rows[person] = estimator.fit_person(*kind.person_train_inputs(data, index), init=start)
     n_val = len(data.persons_val)
     effects = np.zeros((n_val, estimator.n_effects_), dtype=np.float32)  # (n_val, d)
     known = np.zeros(n_val, dtype=bool)
     for k, person in enumerate(data.persons_val):
         if person in rows:
             effects[k], known[k] = rows[person], True
-    if sequences:
-        return float(
-            estimator.score_per_person(data.val, data.persons_val, effects=effects, known=known)
-        )
-    return float(
-        estimator.score_per_person(
-            data.x_val, data.y_val, data.persons_val, effects=effects, known=known
-        )
-    )
+    return kind.score(estimator, data, effects=effects, known=known)

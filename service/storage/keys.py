@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from service import store
 from service.auth import generate_key, key_prefix
+from service.storage import store
 
 
 def create_key(session: Session, *, name: str, scopes: Sequence[str]) -> str:

@@ -1,4 +1,5 @@
-"""Checks that need a model's schema: feature names, labels, batch size.
+"""Checks shared by every kind of model: feature names against the schema, batch size,
+duplicate keys (label checks belong to each kind).
 
 Each raises :class:`service.errors.InvalidInput` (422) with one entry per offending item, so
 clients see exactly which features are unknown or missing where.
@@ -11,7 +12,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from service.errors import InvalidInput, PayloadTooLarge, invalid
-from service.tables import Model
 
 MAX_REPORTED_ERRORS = 20
 """A 10 000-item batch with the same typo in every item still gets a readable answer."""
@@ -66,55 +66,6 @@ def feature_matrix(
         bad = int(np.argwhere(~np.isfinite(matrix))[0][0])
         raise InvalidInput([invalid(locs[bad], "feature values overflow float32", "finite")])
     return matrix
-
-
-def check_labels(
-    model: Model, labels: Sequence[float | str | None], locs: Sequence[list[str | int]]
-) -> None:
-    """Regression labels must be numbers; class labels must be one of the model's classes."""
-    errors = []
-    for label, loc in zip(labels, locs, strict=True):
-        if label is None:
-            continue
-        if model.task == "regression" and not isinstance(label, float):
-            errors.append(invalid(loc, "a regression label must be a number", "label"))
-        elif model.task == "classification" and label not in (model.classes or []):
-            errors.append(
-                invalid(
-                    loc,
-                    f"unknown class {label!r}; expected one of {', '.join(model.classes or [])}",
-                    "label",
-                )
-            )
-        elif model.task == "sequence":
-            errors.append(invalid(loc, "sequence models take labels via /sequences", "label"))
-        if len(errors) >= MAX_REPORTED_ERRORS:
-            break
-    if errors:
-        raise InvalidInput(errors)
-
-
-def check_states(
-    model: Model, labels: Sequence[Sequence[str] | None], locs: Sequence[list[str | int]]
-) -> None:
-    """Sequence labels must be the model's state names."""
-    states = set(model.states or [])
-    errors = []
-    for path, loc in zip(labels, locs, strict=True):
-        unknown = sorted(set(path or []) - states)
-        if unknown:
-            errors.append(
-                invalid(
-                    loc,
-                    f"unknown states: {', '.join(unknown)}; "
-                    f"expected one of {', '.join(model.states or [])}",
-                    "label",
-                )
-            )
-        if len(errors) >= MAX_REPORTED_ERRORS:
-            break
-    if errors:
-        raise InvalidInput(errors)
 
 
 def check_unique_keys(keys: Sequence[tuple[object, ...]], what: str) -> None:

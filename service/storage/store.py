@@ -14,7 +14,7 @@ from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.tables import (
+from service.storage.tables import (
     ApiKey,
     Job,
     Model,
@@ -24,7 +24,7 @@ from service.tables import (
     User,
     utcnow,
 )
-from service.tables import Sequence as SequenceRow
+from service.storage.tables import Sequence as SequenceRow
 
 # ---------------------------------------------------------------------------------- API keys
 

@@ -1,0 +1,350 @@
+"""What every kind of model provides to the service, and what all kinds share.
+
+A *kind* is one family of tasks that trains, scores and serves the same way: tabular (regression,
+classification) or sequence. It is the only place that knows how they differ. The refit
+pipeline, champion/challenger, the per-user update, ingest and serving ask the model's kind
+(:func:`service.learning.kinds.kind_of`) instead of branching on ``model.task``.
+
+A new kind of model is one new module here with a :class:`ModelKind` subclass, registered in
+``kinds/__init__.py``, plus its request schema.
+
+Defaults are not repeated in the service: whatever a client leaves out is read from the
+estimator class's signature when the model is created, and the resolved settings are stored
+with the model, so every refit of it trains the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from nme import NMEClassifier, NMERegressor, NMESequenceTagger
+from service.errors import Conflict, InvalidInput, invalid
+from service.storage import store
+from service.storage.tables import Model
+
+Estimator = NMERegressor | NMEClassifier | NMESequenceTagger
+"""Every fitted estimator the service holds."""
+
+Callback = Callable[[dict[str, Any]], None]
+"""Called with each training epoch's record (the job's progress)."""
+
+ARCHITECTURE_KEYS = ("hidden", "placement", "method", "activation", "dropout")
+TRAINING_KEYS = (
+    "max_epochs",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "patience",
+    "anneal",
+    "random_state",
+)
+SERVICE_DEFAULTS = {"random_state": 0}
+"""Where the service deliberately differs from the estimators: refits are reproducible."""
+
+VALIDATION_FRACTION = 0.2
+"""Each user's last 20 % of labels (in time order) validate; the rest train."""
+
+
+class TrainingData(Protocol):
+    """A model's labelled data split for one refit (each kind has its own concrete class).
+
+    ``persons_*`` hold the users' external ids, one per training item, grouped by user in time
+    order; ``user_row_ids`` maps them to user row ids; ``read_at`` is when the data was read.
+    """
+
+    persons_train: list[str]
+    persons_val: list[str]
+    user_row_ids: dict[str, int]
+    read_at: datetime
+
+    @property
+    def n_observations(self) -> int:
+        """Labelled items used in total (train + validation)."""
+        ...
+
+
+@dataclass(frozen=True)
+class UserData:
+    """All of one user's usable labels in the estimator's input form (``fit_person(*inputs)``)
+    and how many labelled items they are."""
+
+    inputs: tuple[Any, Any]
+    n: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One user's answer from ``/predict``: the value on the label's scale (a class name for
+    classification, with every class's probability) and whether θⁱ was used."""
+
+    user_id: str
+    prediction: float | str
+    personalized: bool
+    probabilities: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One sequence's Viterbi path (state names), its score and marginals ``(L, S)``."""
+
+    path: list[str]
+    score: float
+    marginals: np.ndarray
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    """What ``GET …/users/{id}`` shows of a user's θⁱ: a baseline shift (tabular kinds) or a
+    transition matrix (sequence kinds)."""
+
+    bias: float | dict[str, float] | None = None
+    transitions: list[list[float]] | None = None
+
+
+def temporal_split(persons: list[str], fraction: float = VALIDATION_FRACTION) -> np.ndarray:
+    """Mark each user's last ``floor(fraction · nᵢ)`` rows as validation.
+
+    Args:
+        persons: ``(n,)`` user ids, grouped by user and in time order within a user.
+
+    Returns:
+        ``(n,) bool``: True for validation rows.
+    """
+    is_val = np.zeros(len(persons), dtype=bool)
+    start = 0
+    while start < len(persons):
+        end = start
+        while end < len(persons) and persons[end] == persons[start]:
+            end += 1
+        n_val = int((end - start) * fraction)
+        is_val[end - n_val : end] = True
+        start = end
+    return is_val
+
+
+def split_persons(persons: list[str], is_val: np.ndarray) -> tuple[list[str], list[str]]:
+    """``(train persons, validation persons)`` of a :func:`temporal_split` mask."""
+    train = [p for p, v in zip(persons, is_val, strict=True) if not v]
+    val = [p for p, v in zip(persons, is_val, strict=True) if v]
+    return train, val
+
+
+ROUTE_ERRORS: dict[str, tuple[str, list[str | int]]] = {
+    "observations": (
+        "model {name!r} is a {task} model: send sequences to /sequences", ["body", "items"]
+    ),
+    "sequences": (
+        "model {name!r} is a {task} model: send observations to /observations", ["body", "items"]
+    ),
+    "predict": ("{task} models answer /decode", ["path", "name"]),
+    "decode": ("{name!r} is a {task} model: use /predict", ["path", "name"]),
+}
+"""The 422 for each route, sent to a model whose kind does not answer it."""
+
+
+class ModelKind(ABC):
+    """One family of tasks: its estimator, training data, fit, scores, user data and serving.
+
+    Subclasses implement the abstract methods and the serving method of their route
+    (``predict`` or ``decode``); :meth:`require_route` refuses the routes a kind does not answer
+    with a 422 that names the right one.
+    """
+
+    task: ClassVar[str]
+    """The ``model.task`` value this kind handles."""
+    estimator_class: ClassVar[type[Estimator]]
+    architecture_keys: ClassVar[tuple[str, ...]] = ARCHITECTURE_KEYS
+    score_name: ClassVar[str]
+    """What ``val_score`` measures (higher is better)."""
+    routes: ClassVar[frozenset[str]]
+    """The routes that answer this kind: ``observations`` or ``sequences``, and ``predict`` or
+    ``decode``."""
+
+    # ------------------------------------------------------------------ definition
+
+    def resolve_settings(
+        self, architecture: dict[str, Any], training: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Fill the settings a client left out (None) with the estimator's defaults.
+
+        Returns ``(architecture, training)`` with every key set, and checks that the estimator
+        accepts them (422 naming the problem otherwise).
+        """
+        signature = inspect.signature(self.estimator_class.__init__)
+        defaults = {
+            name: parameter.default
+            for name, parameter in signature.parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        defaults.update(SERVICE_DEFAULTS)
+        defaults.update(self._extra_defaults())
+
+        def fill(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+            out = {}
+            for key in keys:
+                value = values.get(key)
+                out[key] = defaults[key] if value is None else value
+                if isinstance(out[key], tuple):
+                    out[key] = list(out[key])  # JSON-friendly
+            return out
+
+        resolved = fill(architecture, self.architecture_keys), fill(training, TRAINING_KEYS)
+        try:
+            self.estimator_class(**self._estimator_kwargs(*resolved, states=None))
+        except (TypeError, ValueError) as err:
+            raise InvalidInput([invalid(["body", "architecture"], str(err))]) from err
+        return resolved
+
+    def build_estimator(self, model: Model, *, device: str) -> Estimator:
+        """An unfitted estimator configured from the model's stored settings."""
+        kwargs = self._estimator_kwargs(model.architecture, model.training, model.states)
+        return self.estimator_class(**kwargs, device=device, verbose=False)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Defaults of settings the estimator's signature does not state as such."""
+        return {}
+
+    def _estimator_kwargs(
+        self, architecture: dict[str, Any], training: dict[str, Any], states: list[str] | None
+    ) -> dict[str, Any]:
+        kwargs = {**architecture, **training}
+        kwargs["hidden"] = tuple(kwargs["hidden"])
+        return kwargs
+
+    # ------------------------------------------------------------------ routes
+
+    def require_route(self, model: Model, route: str) -> None:
+        """422 naming the right route when this kind does not answer ``route``
+        (``observations``, ``sequences``, ``predict`` or ``decode``)."""
+        if route not in self.routes:
+            message, loc = ROUTE_ERRORS[route]
+            raise InvalidInput([invalid(loc, message.format(name=model.name, task=model.task))])
+
+    # ------------------------------------------------------------------ ingest
+
+    @abstractmethod
+    def ingest(self, session: Session, *, model: Model, items: Sequence[Any]) -> store.UpsertCounts:
+        """Validate a batch against the model's schema and upsert it (flushes; the caller
+        commits). ``items`` are the route's request items (observations or sequences)."""
+
+    # ------------------------------------------------------------------ training
+
+    @abstractmethod
+    def load_training_data(self, session: Session, *, model: Model) -> TrainingData:
+        """Read the model's labels and split each user's in time order (409 when there are
+        none)."""
+
+    def check_trainable(self, model: Model, data: TrainingData) -> None:  # noqa: B027
+        """Refuse (409) data this kind cannot train on (every kind may override; by default
+        anything labelled trains)."""
+
+    @abstractmethod
+    def _fit(
+        self, model: Model, estimator: Any, data: Any, callback: Callback | None
+    ) -> None:
+        """Fit ``estimator`` on the training split, validating on the validation split."""
+
+    def fit(
+        self, model: Model, data: TrainingData, *, device: str, callback: Callback | None = None
+    ) -> tuple[Estimator, dict[str, Any]]:
+        """Fit on the training split; score per person on the validation split.
+
+        Returns the fitted estimator and the version's metrics: ``val_score`` (per-person
+        averaged, higher is better), the generic model's score on the same labels for
+        comparison, and training bookkeeping.
+        """
+        self.check_trainable(model, data)
+        estimator = self.build_estimator(model, device=device)
+        started = time.perf_counter()
+        try:
+            self._fit(model, estimator, data, callback)
+        except ValueError as err:  # e.g. a placement naming no parameter of the network
+            raise Conflict(f"model {model.name!r} cannot be trained: {err}") from err
+        metrics: dict[str, Any] = {
+            "score_name": self.score_name,
+            "val_score": None,
+            "val_score_generic": None,
+            "n_train": len(data.persons_train),
+            "n_val": len(data.persons_val),
+            "n_users": len(estimator.person_ids_),
+            "epochs": len(estimator.history_),
+            "best_epoch": int(estimator.best_epoch_),
+            "fit_seconds": round(time.perf_counter() - started, 3),
+        }
+        if data.persons_val:
+            n_val = len(data.persons_val)
+            metrics["val_score"] = self.score(estimator, data)
+            metrics["val_score_generic"] = self.score(
+                estimator,
+                data,
+                effects=np.zeros((n_val, estimator.n_effects_), dtype=np.float32),
+                known=np.zeros(n_val, dtype=bool),
+            )
+        return estimator, metrics
+
+    @abstractmethod
+    def score(
+        self,
+        estimator: Any,
+        data: Any,
+        *,
+        effects: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> float:
+        """Per-person averaged validation score (higher is better).
+
+        Args:
+            effects: ``(n_val, d)`` θⁱ per validation item (None: the estimator's own table);
+            known: ``(n_val,) bool``, False where an item gets the generic model.
+        """
+
+    @abstractmethod
+    def person_train_inputs(self, data: Any, index: list[int]) -> tuple[Any, Any]:
+        """The training items ``index`` (one user's) as ``fit_person``'s ``(X, y)``."""
+
+    # ------------------------------------------------------------------ per-user update
+
+    @abstractmethod
+    def user_data(
+        self, session: Session, *, model: Model, user_id: int, estimator: Any
+    ) -> UserData:
+        """All of one user's labels that ``estimator`` can learn from (per-user update)."""
+
+    # ------------------------------------------------------------------ serving
+
+    @abstractmethod
+    def serving_input(self, model: Model, items: Sequence[Any]) -> np.ndarray:
+        """The feature matrix of a predict batch ``(n, F)`` or a decode request's segments
+        ``(L, F)``, in model order (422 naming schema mismatches)."""
+
+    def predict(
+        self,
+        model: Model,
+        estimator: Any,
+        *,
+        x: np.ndarray,
+        effects: np.ndarray,
+        known: np.ndarray,
+        user_ids: Sequence[str],
+    ) -> list[Prediction]:
+        """One forward pass for a batch ``x (n, F)`` with θⁱ ``effects (n, d)``, ``known (n,)``."""
+        raise NotImplementedError(f"{self.task} models do not answer /predict")
+
+    def decode(
+        self, estimator: Any, *, x: np.ndarray, effects: np.ndarray, known: np.ndarray
+    ) -> Decoded:
+        """Viterbi path of one sequence ``x (L, F)`` with θⁱ ``effects (1, d)``, ``known (1,)``."""
+        raise NotImplementedError(f"{self.task} models do not answer /decode")
+
+    @abstractmethod
+    def user_summary(self, model: Model, estimator: Any, effects: np.ndarray | None) -> UserSummary:
+        """What a user's θⁱ row ``(d,)`` (None: the generic model) means, for the user route."""

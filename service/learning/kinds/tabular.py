@@ -1,0 +1,321 @@
+"""Tabular models: one feature vector per user and day, a number (regression) or a class name
+(classification) as its label. Trained with ``nme.NMERegressor`` / ``nme.NMEClassifier``;
+ingested at ``/observations``; served at ``/predict``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import pandas as pd
+from sqlalchemy.orm import Session
+
+from nme import NMEClassifier, NMERegressor
+from service.errors import Conflict, InvalidInput, invalid
+from service.learning.kinds.base import (
+    Callback,
+    ModelKind,
+    Prediction,
+    UserData,
+    UserSummary,
+    split_persons,
+    temporal_split,
+)
+from service.learning.validation import (
+    MAX_REPORTED_ERRORS,
+    check_unique_keys,
+    feature_matrix,
+)
+from service.storage import store
+from service.storage.tables import Model, utcnow
+
+
+class ObservationItem(Protocol):
+    """One day of one user, as the ingest route receives it."""
+
+    user_id: str
+    day: Any
+    features: dict[str, float]
+    label: float | str | None
+
+
+class PredictItem(Protocol):
+    """One user's features, as the predict route receives them."""
+
+    user_id: str
+    features: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TabularData:
+    """A model's labelled observations split for one refit.
+
+    ``x_*`` are ``(n, F)`` float32 in model feature order, ``y_*`` ``(n,)``, ``persons_*`` the
+    users' external ids ``(n,)``.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    persons_train: list[str]
+    x_val: np.ndarray
+    y_val: np.ndarray
+    persons_val: list[str]
+    user_row_ids: dict[str, int]
+    read_at: datetime
+
+    @property
+    def n_observations(self) -> int:
+        """Labels used in total (train + validation)."""
+        return len(self.persons_train) + len(self.persons_val)
+
+
+class TabularKind(ModelKind):
+    """What regression and classification share: observations in, ``/predict`` out."""
+
+    routes: ClassVar[frozenset[str]] = frozenset({"observations", "predict"})
+    label_dtype: ClassVar[type] = object
+    """numpy dtype of the label array the estimator is fitted on."""
+
+    # ------------------------------------------------------------------ labels
+
+    @abstractmethod
+    def label_error(self, model: Model, label: float | str) -> str | None:
+        """Why ``label`` is unusable for this model, or None when it is fine."""
+
+    def check_labels(
+        self, model: Model, labels: Sequence[float | str | None], locs: Sequence[list[str | int]]
+    ) -> None:
+        """422 with one entry per unusable label (None, meaning unlabelled, is fine)."""
+        errors = []
+        for label, loc in zip(labels, locs, strict=True):
+            if label is None:
+                continue
+            message = self.label_error(model, label)
+            if message is not None:
+                errors.append(invalid(loc, message, "label"))
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+        if errors:
+            raise InvalidInput(errors)
+
+    # ------------------------------------------------------------------ ingest
+
+    def ingest(
+        self, session: Session, *, model: Model, items: Sequence[ObservationItem]
+    ) -> store.UpsertCounts:
+        """Validate daily observations against the model's schema and upsert them."""
+        feature_matrix(
+            model.features,
+            [item.features for item in items],
+            [["body", "items", i, "features"] for i in range(len(items))],
+        )
+        self.check_labels(
+            model,
+            [item.label for item in items],
+            [["body", "items", i, "label"] for i in range(len(items))],
+        )
+        check_unique_keys([(item.user_id, item.day) for item in items], "(user_id, day)")
+        user_ids = store.ensure_users(session, external_ids=[item.user_id for item in items])
+        rows = [
+            {
+                "user_id": user_ids[item.user_id],
+                "day": item.day,
+                # Canonical key order: identical content serialises identically (SQLite compares
+                # JSON as text when deciding whether a resend changed anything).
+                "features": {name: item.features[name] for name in model.features},
+                "label": item.label,
+            }
+            for item in items
+        ]
+        return store.upsert_observations(session, model_id=model.id, rows=rows)
+
+    # ------------------------------------------------------------------ training
+
+    def load_training_data(self, session: Session, *, model: Model) -> TabularData:
+        """Every labelled observation, per user in day order, split per user in time."""
+        read_at = utcnow()
+        rows = store.load_labelled_observations(session, model_id=model.id)
+        if not rows:
+            raise Conflict(f"model {model.name!r} has no labelled observations to train on")
+        persons = [row.external_id for row in rows]
+        x = np.array(
+            [[row.features[name] for name in model.features] for row in rows], dtype=np.float32
+        )
+        y = np.asarray([row.label for row in rows], dtype=self.label_dtype)
+        is_val = temporal_split(persons)
+        persons_train, persons_val = split_persons(persons, is_val)
+        return TabularData(
+            x_train=x[~is_val],
+            y_train=y[~is_val],
+            persons_train=persons_train,
+            x_val=x[is_val],
+            y_val=y[is_val],
+            persons_val=persons_val,
+            user_row_ids={row.external_id: row.user_id for row in rows},
+            read_at=read_at,
+        )
+
+    def _fit(
+        self, model: Model, estimator: Any, data: TabularData, callback: Callback | None
+    ) -> None:
+        features = model.features
+        has_val = len(data.persons_val) > 0
+        estimator.fit(
+            pd.DataFrame(data.x_train, columns=features),
+            data.y_train,
+            data.persons_train,
+            X_val=pd.DataFrame(data.x_val, columns=features) if has_val else None,
+            y_val=data.y_val if has_val else None,
+            persons_val=data.persons_val if has_val else None,
+            callback=callback,
+        )
+
+    def score(
+        self,
+        estimator: Any,
+        data: TabularData,
+        *,
+        effects: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> float:
+        return float(
+            estimator.score_per_person(
+                data.x_val, data.y_val, data.persons_val, effects=effects, known=known
+            )
+        )
+
+    def person_train_inputs(self, data: TabularData, index: list[int]) -> tuple[Any, Any]:
+        return data.x_train[index], data.y_train[index]
+
+    # ------------------------------------------------------------------ per-user update
+
+    def user_data(
+        self, session: Session, *, model: Model, user_id: int, estimator: Any
+    ) -> UserData:
+        rows = [
+            row
+            for row in store.load_user_observations(session, model_id=model.id, user_id=user_id)
+            if self.learnable(estimator, row.label)
+        ]
+        x = np.array([[row.features[name] for name in model.features] for row in rows], np.float32)
+        x = x.reshape(len(rows), len(model.features))  # (n, F), also when n = 0
+        y = np.asarray([row.label for row in rows], dtype=self.label_dtype)
+        return UserData(inputs=(x, y), n=len(rows))
+
+    def learnable(self, estimator: Any, label: float | str) -> bool:
+        """Whether a per-user update of ``estimator`` can learn from ``label``."""
+        return True
+
+    # ------------------------------------------------------------------ serving
+
+    def serving_input(self, model: Model, items: Sequence[PredictItem]) -> np.ndarray:
+        return feature_matrix(
+            model.features,
+            [item.features for item in items],
+            [["body", "items", i, "features"] for i in range(len(items))],
+        )
+
+
+class RegressionKind(TabularKind):
+    """A real-valued label per day (e.g. a mood rating); scored by negative RMSE."""
+
+    task = "regression"
+    estimator_class = NMERegressor
+    score_name = "neg_rmse"
+    label_dtype = np.float64
+
+    def label_error(self, model: Model, label: float | str) -> str | None:
+        return None if isinstance(label, float) else "a regression label must be a number"
+
+    def predict(
+        self,
+        model: Model,
+        estimator: NMERegressor,
+        *,
+        x: np.ndarray,
+        effects: np.ndarray,
+        known: np.ndarray,
+        user_ids: Sequence[str],
+    ) -> list[Prediction]:
+        values = estimator.predict_with_effects(x, effects, known)  # (n,)
+        return [
+            Prediction(user_id=user_id, prediction=float(values[i]), personalized=bool(known[i]))
+            for i, user_id in enumerate(user_ids)
+        ]
+
+    def user_summary(
+        self, model: Model, estimator: NMERegressor, effects: np.ndarray | None
+    ) -> UserSummary:
+        row = _row(estimator, effects)
+        return UserSummary(bias=float(estimator.person_bias(row)[0]))
+
+
+class ClassificationKind(TabularKind):
+    """One of the model's classes per day; scored by accuracy."""
+
+    task = "classification"
+    estimator_class = NMEClassifier
+    score_name = "accuracy"
+
+    def label_error(self, model: Model, label: float | str) -> str | None:
+        if label in (model.classes or []):
+            return None
+        return f"unknown class {label!r}; expected one of {', '.join(model.classes or [])}"
+
+    def check_trainable(self, model: Model, data: Any) -> None:
+        if len(set(data.y_train.tolist())) < 2:
+            raise Conflict(f"model {model.name!r} needs labels of at least two classes to train")
+
+    def learnable(self, estimator: Any, label: float | str) -> bool:
+        # Only a refit can learn a class the version never saw.
+        return label in {str(c) for c in estimator.classes_}
+
+    def predict(
+        self,
+        model: Model,
+        estimator: NMEClassifier,
+        *,
+        x: np.ndarray,
+        effects: np.ndarray,
+        known: np.ndarray,
+        user_ids: Sequence[str],
+    ) -> list[Prediction]:
+        proba = estimator.predict_proba_with_effects(x, effects, known)  # (n, n_classes)
+        classes = [str(c) for c in estimator.classes_]
+        best = proba.argmax(axis=1)
+        return [
+            Prediction(
+                user_id=user_id,
+                prediction=classes[best[i]],
+                personalized=bool(known[i]),
+                probabilities=_class_map(model, classes, proba[i]),
+            )
+            for i, user_id in enumerate(user_ids)
+        ]
+
+    def user_summary(
+        self, model: Model, estimator: NMEClassifier, effects: np.ndarray | None
+    ) -> UserSummary:
+        bias = estimator.person_bias(_row(estimator, effects))  # (1, n_classes)
+        classes = [str(c) for c in estimator.classes_]
+        return UserSummary(
+            bias={name: float(value) for name, value in zip(classes, bias[0], strict=True)}
+        )
+
+
+def _row(estimator: Any, effects: np.ndarray | None) -> np.ndarray:
+    """A user's θⁱ as a ``(1, d)`` batch (zeros: the generic model)."""
+    if effects is None:
+        return np.zeros((1, estimator.n_effects_), dtype=np.float32)
+    return effects[None]
+
+
+def _class_map(model: Model, trained: list[str], proba: np.ndarray) -> dict[str, float]:
+    # A class with no training labels is absent from the estimator: probability 0.
+    by_name = dict(zip(trained, proba.tolist(), strict=True))
+    return {name: float(by_name.get(name, 0.0)) for name in model.classes or trained}

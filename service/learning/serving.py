@@ -1,0 +1,135 @@
+"""Serving: the active version's estimator (cached per process), θⁱ fetched in one query, and
+one batched forward pass per request.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from service.learning.kinds import Estimator, kind_of
+from service.learning.kinds.base import Decoded, Prediction, UserSummary
+from service.storage import store
+from service.storage.artifacts import load_verified
+from service.storage.codec import decode_rows
+from service.storage.tables import Model, ModelVersion
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """An estimator loaded from a version's artifact.
+
+    ``lock`` serialises forward passes through one estimator. The core's general path for
+    per-sample parameters (``torch.func.functional_call`` under ``vmap``) swaps tensors on the
+    shared module while it runs, and two request threads inside it at once corrupted each
+    other's batches (seen as 500s in the benchmark); only its linear-layer fast path is
+    thread-local. Database access and validation still run concurrently.
+    """
+
+    version_id: int
+    version: int
+    estimator: Estimator
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    @property
+    def n_effects(self) -> int:
+        """Length d of one θⁱ row."""
+        return int(self.estimator.n_effects_)
+
+
+class Predictor:
+    """Process-wide cache of loaded artifacts: one entry per model, for its active version.
+
+    Each request reads the active version from the database, so an activation made by any
+    process (rollback included) is picked up on the next request: the entry is replaced when
+    the version id differs.
+    """
+
+    def __init__(self, *, artifact_dir: Path, device: str) -> None:
+        self._artifact_dir = artifact_dir
+        self._device = device
+        self._cache: dict[int, LoadedVersion] = {}
+        self._lock = threading.Lock()
+
+    def load(self, version: ModelVersion) -> LoadedVersion:
+        """The estimator of ``version``, loading (and hash-checking) it on first use."""
+        entry = self._cache.get(version.model_id)
+        if entry is not None and entry.version_id == version.id:
+            return entry
+        with self._lock:  # concurrent first requests load the artifact once
+            entry = self._cache.get(version.model_id)
+            if entry is None or entry.version_id != version.id:
+                estimator = load_verified(
+                    self._artifact_dir,
+                    version.artifact_path,
+                    version.artifact_sha256,
+                    self._device,
+                )
+                entry = LoadedVersion(version.id, version.version, estimator)
+                self._cache[version.model_id] = entry
+                gc.freeze()  # the estimator is long-lived: keep full collections short
+            return entry
+
+    def forget(self, model_id: int) -> None:
+        """Drop a model's cached estimator (e.g. after an activation in this process)."""
+        with self._lock:
+            self._cache.pop(model_id, None)
+
+
+def gather_effects(
+    session: Session, *, loaded: LoadedVersion, user_ids: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """θⁱ rows for a batch's users, fetched in ONE query.
+
+    Returns:
+        ``effects (n, d) float32`` (zeros for unknown users) and ``known (n,) bool``.
+    """
+    stored = store.fetch_person_params(session, version_id=loaded.version_id, external_ids=user_ids)
+    d = loaded.n_effects
+    effects = np.zeros((len(user_ids), d), dtype=np.float32)
+    known = np.fromiter((u in stored for u in user_ids), dtype=bool, count=len(user_ids))
+    if known.any():
+        # one buffer for all known rows: no per-user numpy calls
+        raws = [stored[u] for u, k in zip(user_ids, known, strict=True) if k]
+        effects[known] = decode_rows(raws, d)
+    return effects, known
+
+
+def predict_batch(
+    session: Session,
+    *,
+    model: Model,
+    loaded: LoadedVersion,
+    x: np.ndarray,
+    user_ids: Sequence[str],
+) -> list[Prediction]:
+    """Predictions for a batch ``x (n, F)``: one θⁱ query and one forward pass, never a loop
+    over users."""
+    effects, known = gather_effects(session, loaded=loaded, user_ids=user_ids)
+    with loaded.lock:
+        return kind_of(model).predict(
+            model, loaded.estimator, x=x, effects=effects, known=known, user_ids=user_ids
+        )
+
+
+def decode_sequence(
+    session: Session, *, model: Model, loaded: LoadedVersion, user_id: str, x: np.ndarray
+) -> tuple[Decoded, bool]:
+    """Viterbi path, score and marginals of one user's sequence ``x (L, F)``, and whether the
+    user was personalised."""
+    effects, known = gather_effects(session, loaded=loaded, user_ids=[user_id])
+    with loaded.lock:
+        decoded = kind_of(model).decode(loaded.estimator, x=x, effects=effects, known=known)
+    return decoded, bool(known[0])
+
+
+def user_summary(model: Model, loaded: LoadedVersion, effects: np.ndarray | None) -> UserSummary:
+    """What a user's θⁱ row ``(d,)`` (None: the generic model) means, for the user route."""
+    with loaded.lock:
+        return kind_of(model).user_summary(model, loaded.estimator, effects)
