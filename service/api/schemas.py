@@ -149,10 +149,14 @@ class ModelPublic(BaseModel):
 
 
 class ModelsPublic(BaseModel):
-    """A list of models."""
+    """A page of models, by name.
+
+    ``count`` is the total; ``next_cursor`` fetches the next page (null: this is the last).
+    """
 
     data: list[ModelPublic]
     count: int
+    next_cursor: str | None = None
 
 
 class VersionPublic(BaseModel):
@@ -170,10 +174,14 @@ class VersionPublic(BaseModel):
 
 
 class VersionsPublic(BaseModel):
-    """A model's versions, newest first."""
+    """A page of a model's versions, newest first.
+
+    ``count`` is the total; ``next_cursor`` fetches the next page (null: this is the last).
+    """
 
     data: list[VersionPublic]
     count: int
+    next_cursor: str | None = None
 
 
 # ---------------------------------------------------------------------------------- jobs
@@ -246,10 +254,14 @@ class JobEnvelope(BaseModel):
 
 
 class JobsPublic(BaseModel):
-    """A model's jobs, newest first."""
+    """A page of a model's jobs, newest first.
+
+    ``count`` is the total; ``next_cursor`` fetches the next page (null: this is the last).
+    """
 
     data: list[JobPublic]
     count: int
+    next_cursor: str | None = None
 
 
 # ---------------------------------------------------------------------------------- ingest

@@ -87,9 +87,21 @@ def get_model(session: Session, *, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.name == name))
 
 
-def list_models(session: Session) -> list[Model]:
-    """All models, by name."""
-    return list(session.scalars(select(Model).order_by(Model.name)))
+def list_models(
+    session: Session, *, after_name: str | None = None, limit: int | None = None
+) -> list[Model]:
+    """Models by name (names after ``after_name`` only, when given: the keyset page after it)."""
+    statement = select(Model).order_by(Model.name)
+    if after_name is not None:
+        statement = statement.where(Model.name > after_name)
+    if limit is not None:
+        statement = statement.limit(limit)
+    return list(session.scalars(statement))
+
+
+def count_models(session: Session) -> int:
+    """How many models exist."""
+    return int(session.scalar(select(func.count()).select_from(Model)) or 0)
 
 
 # Hot-path statements are built once: constructing a SELECT costs more Python time than
@@ -143,14 +155,36 @@ def get_version(session: Session, *, model_id: int, version: int) -> ModelVersio
     )
 
 
-def list_versions(session: Session, *, model_id: int) -> list[ModelVersion]:
-    """All versions of a model, newest first."""
-    return list(
-        session.scalars(
-            select(ModelVersion)
+def list_versions(
+    session: Session,
+    *,
+    model_id: int,
+    before_version: int | None = None,
+    limit: int | None = None,
+) -> list[ModelVersion]:
+    """Versions of a model, newest first (numbers below ``before_version`` only, when given:
+    the keyset page after it)."""
+    statement = (
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model_id)
+        .order_by(ModelVersion.version.desc())
+    )
+    if before_version is not None:
+        statement = statement.where(ModelVersion.version < before_version)
+    if limit is not None:
+        statement = statement.limit(limit)
+    return list(session.scalars(statement))
+
+
+def count_versions(session: Session, *, model_id: int) -> int:
+    """How many versions a model has."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(ModelVersion)
             .where(ModelVersion.model_id == model_id)
-            .order_by(ModelVersion.version.desc())
         )
+        or 0
     )
 
 
@@ -549,22 +583,51 @@ def job_rows(
     model_id: int | None = None,
     status: str | None = None,
     kind: str | None = None,
+    before_id: int | None = None,
     limit: int = 100,
 ) -> list[Row[tuple[Job, str, str | None]]]:
-    """Jobs with their model's name and user's external id, newest first."""
+    """Jobs with their model's name and user's external id, newest first (ids below
+    ``before_id`` only, when given: the keyset page after it)."""
+    conditions = _job_conditions(job_id=job_id, model_id=model_id, status=status, kind=kind)
+    if before_id is not None:
+        conditions.append(Job.id < before_id)
     statement = (
         select(Job, Model.name, User.external_id)
         .join(Model, Model.id == Job.model_id)
         .outerjoin(User, User.id == Job.user_id)
+        .where(*conditions)
         .order_by(Job.id.desc())
         .limit(limit)
     )
-    if job_id is not None:
-        statement = statement.where(Job.id == job_id)
-    if model_id is not None:
-        statement = statement.where(Job.model_id == model_id)
-    if status is not None:
-        statement = statement.where(Job.status == status)
-    if kind is not None:
-        statement = statement.where(Job.kind == kind)
     return list(session.execute(statement))
+
+
+def count_jobs(
+    session: Session,
+    *,
+    model_id: int | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+) -> int:
+    """How many jobs match the filters (a list's total)."""
+    conditions = _job_conditions(model_id=model_id, status=status, kind=kind)
+    return int(session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0)
+
+
+def _job_conditions(
+    *,
+    job_id: int | None = None,
+    model_id: int | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+) -> list[Any]:
+    conditions: list[Any] = []
+    if job_id is not None:
+        conditions.append(Job.id == job_id)
+    if model_id is not None:
+        conditions.append(Job.model_id == model_id)
+    if status is not None:
+        conditions.append(Job.status == status)
+    if kind is not None:
+        conditions.append(Job.kind == kind)
+    return conditions

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, status
 from sqlalchemy.orm import Session
 
 from service.api.deps import AdminKey, ModelDep, SessionDep, SettingsDep
+from service.api.paging import DEFAULT_LIMIT, Cursor, Limit, decode_cursor, split_page
 from service.api.schemas import JobCreate, JobEnvelope, JobPublic, JobsPublic
 from service.errors import Conflict, NotFound
 from service.jobs.queue import enqueue_job
@@ -87,12 +88,21 @@ def list_jobs(
     session: SessionDep,
     status: Literal["queued", "running", "succeeded", "failed"] | None = None,
     kind: Literal["refit", "user_update"] | None = None,
-    limit: int = Query(default=100, ge=1, le=1000),
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
 ) -> JobsPublic:
-    """A model's jobs, newest first, optionally filtered by status and kind."""
-    rows = store.job_rows(session, model_id=model.id, status=status, kind=kind, limit=limit)
-    data = [job_public(job, name, user) for job, name, user in rows]
-    return JobsPublic(data=data, count=len(data))
+    """A model's jobs, newest first, optionally filtered by status and kind (paged: see
+    `next_cursor`)."""
+    before = decode_cursor(cursor, int)
+    rows = store.job_rows(
+        session, model_id=model.id, status=status, kind=kind, before_id=before, limit=limit + 1
+    )
+    page, following = split_page(rows, limit, key=lambda row: row[0].id)
+    return JobsPublic(
+        data=[job_public(job, name, user) for job, name, user in page],
+        count=store.count_jobs(session, model_id=model.id, status=status, kind=kind),
+        next_cursor=following,
+    )
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)

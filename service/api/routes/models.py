@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from service.api.deps import AdminKey, AnyKey, ModelDep, PredictorDep, SessionDep
+from service.api.paging import DEFAULT_LIMIT, Cursor, Limit, decode_cursor, split_page
 from service.api.schemas import (
     ModelCreate,
     ModelPublic,
@@ -58,12 +59,19 @@ def create_model(_key: AdminKey, body: ModelCreate, session: SessionDep) -> Mode
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(_key: AnyKey, session: SessionDep) -> ModelsPublic:
-    """All models with their active version."""
-    models = store.list_models(session)
+def list_models(
+    _key: AnyKey, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+) -> ModelsPublic:
+    """Models by name, with their active version (paged: see `next_cursor`)."""
+    after = decode_cursor(cursor, str)
+    rows = store.list_models(session, after_name=after, limit=limit + 1)
+    models, following = split_page(rows, limit, key=lambda m: m.name)
     active = store.active_version_numbers(session, model_ids=[m.id for m in models])
-    data = [model_public(m, active.get(m.id)) for m in models]
-    return ModelsPublic(data=data, count=len(data))
+    return ModelsPublic(
+        data=[model_public(m, active.get(m.id)) for m in models],
+        count=store.count_models(session),
+        next_cursor=following,
+    )
 
 
 @router.get("/{name}", response_model=ModelPublic)
@@ -74,11 +82,22 @@ def get_model(_key: AnyKey, model: ModelDep, session: SessionDep) -> ModelPublic
 
 
 @router.get("/{name}/versions", response_model=VersionsPublic)
-def list_versions(_key: AnyKey, model: ModelDep, session: SessionDep) -> VersionsPublic:
-    """A model's versions, newest first."""
-    versions = store.list_versions(session, model_id=model.id)
-    data = [VersionPublic.model_validate(v, from_attributes=True) for v in versions]
-    return VersionsPublic(data=data, count=len(data))
+def list_versions(
+    _key: AnyKey,
+    model: ModelDep,
+    session: SessionDep,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> VersionsPublic:
+    """A model's versions, newest first (paged: see `next_cursor`)."""
+    before = decode_cursor(cursor, int)
+    rows = store.list_versions(session, model_id=model.id, before_version=before, limit=limit + 1)
+    versions, following = split_page(rows, limit, key=lambda v: v.version)
+    return VersionsPublic(
+        data=[VersionPublic.model_validate(v, from_attributes=True) for v in versions],
+        count=store.count_versions(session, model_id=model.id),
+        next_cursor=following,
+    )
 
 
 @router.post("/{name}/versions/{version}/activate", response_model=VersionPublic)
