@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import KeyCache
 from service.api.prometheus import MetricsMiddleware, ServiceMetrics
 from service.api.routes import (
+    events,
     health,
     jobs,
     metrics,
@@ -77,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics(lambda: getattr(app.state, "engine", None))
-    for module in (health, models, observations, predict, sequences, users, jobs, metrics):
+    for module in (
+        health, models, observations, predict, sequences, users, jobs, events, metrics
+    ):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServiceError, _service_error)

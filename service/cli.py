@@ -103,6 +103,7 @@ def cmd_refit(settings: Settings, args: argparse.Namespace) -> int:
             artifact_dir=settings.artifact_dir,
             device=settings.device,
             callback=progress,
+            keep_versions=settings.keep_versions,
         )
     finally:
         engine.dispose()

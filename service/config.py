@@ -98,6 +98,48 @@ class Settings(BaseSettings):
         ge=0.0,
         description="Back-off before a failed job's first retry; doubles per attempt (max 10 min).",
     )
+    refit_backoff_seconds: float = Field(
+        default=600.0,
+        ge=0.0,
+        description="After a refit is rejected or fails for good, the model's next automatic "
+        "refit waits this long, doubling with each further rejection or failure (at most a day); "
+        "an activation resets it.",
+    )
+    keep_versions: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Retention: each model keeps its active version and the newest this many "
+        "others (with their artifacts and θⁱ rows); older versions are deleted.",
+    )
+    job_retention_seconds: float = Field(
+        default=7 * 86_400.0,
+        gt=0.0,
+        description="Finished job rows and model events older than this are deleted.",
+    )
+    artifact_grace_seconds: float = Field(
+        default=3600.0,
+        gt=0.0,
+        description="An artifact directory (or .tmp-* directory) no version references is "
+        "deleted once it is older than this.",
+    )
+    maintenance_seconds: float = Field(
+        default=600.0,
+        gt=0.0,
+        description="How often a worker collects orphaned artifacts and prunes old job rows, "
+        "events and versions (also once at start).",
+    )
+    db_connect_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="API processes give up connecting to the database after this long and "
+        "answer 503 with Retry-After.",
+    )
+    db_statement_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="API processes cancel a statement after this long (PostgreSQL; 0: no limit).",
+    )
     worker_alive_file: Path | None = Field(
         default=None,
         description="A file the worker touches on every heartbeat and idle poll (container health "

@@ -99,6 +99,8 @@ def prepare_demo(
             model_name=MODEL_NAME,
             artifact_dir=settings.artifact_dir,
             device=settings.device,
+            keep_versions=settings.keep_versions,
+            actor="demo",
         )
     finally:
         engine.dispose()

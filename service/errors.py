@@ -52,3 +52,21 @@ class PayloadTooLarge(ServiceError):
 def invalid(loc: list[str | int], msg: str, kind: str = "value_error") -> dict[str, Any]:
     """One entry of an :class:`InvalidInput` error list."""
     return {"loc": loc, "msg": msg, "type": kind}
+
+
+class DatabaseUnavailable(ServiceError):
+    """The database cannot be reached right now (503 with ``Retry-After``)."""
+
+    status_code = 503
+
+
+def public_message(error: BaseException) -> str:
+    """A stable, human message for an error shown outside the process (a job's ``error``, an
+    event's detail): our own errors say what went wrong in words we wrote; anything else
+    (a driver's exception, a bug) is named by type only — its text may hold SQL or data, so it
+    goes to the logs, never to the API."""
+    if isinstance(error, ServiceError) and isinstance(error.detail, str):
+        return error.detail
+    if isinstance(error, ServiceError):
+        return f"{type(error).__name__} (status {error.status_code})"
+    return f"internal error ({type(error).__name__}); the worker's log has the details"

@@ -11,6 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: models compute in float32, so larger numbers become inf."""
+
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["mood"])]
 UserId = Annotated[str, Field(min_length=1, max_length=128, examples=["u1"])]
 Name = Annotated[str, Field(min_length=1, max_length=64)]
@@ -107,6 +110,13 @@ class ModelCreate(Strict):
     states: list[Name] | None = None
     architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    label_range: tuple[FeatureValue, FeatureValue] | None = Field(
+        default=None,
+        description="Regression only: `[low, high]`, the range every label must lie in; labels "
+        "outside it are refused at ingest (422). Without it, refits leave out gross outliers "
+        "against the labels' median and MAD (see docs/service.md, Learning in the background).",
+        examples=[[0.0, 100.0]],
+    )
 
     @model_validator(mode="after")
     def _labels_fit_task(self) -> ModelCreate:
@@ -120,6 +130,14 @@ class ModelCreate(Strict):
                 raise ValueError(f"a {self.task} model needs at least two {field}")
             if field != needs and values is not None:
                 raise ValueError(f"{field} must be null for a {self.task} model")
+        if self.label_range is not None:
+            low, high = self.label_range
+            if self.task != "regression":
+                raise ValueError("label_range is for regression models only")
+            if not low < high:
+                raise ValueError("label_range must be [low, high] with low < high")
+            if max(abs(low), abs(high)) > FLOAT32_MAX:
+                raise ValueError("label_range must lie within float32's finite range")
         if self.architecture.method == "mlp-lme" and self.task != "regression":
             raise ValueError("method mlp-lme is for regression models only")
         sequence_only = ("learn_start_end", "forbidden_transitions")
@@ -144,6 +162,7 @@ class ModelPublic(BaseModel):
     states: list[str] | None
     architecture: dict[str, Any]
     training: dict[str, Any]
+    label_range: list[float] | None = None
     active_version: int | None
     created_at: datetime
 
@@ -180,6 +199,35 @@ class VersionsPublic(BaseModel):
     """
 
     data: list[VersionPublic]
+    count: int
+    next_cursor: str | None = None
+
+
+# ---------------------------------------------------------------------------------- events
+
+
+class EventPublic(BaseModel):
+    """One entry of a model's history. ``actor`` is ``system``, ``trigger``, ``worker``,
+    ``cli`` or ``key:<name>`` (a manual action); ``detail`` is a human message; ``data`` holds
+    the numbers behind it (scores, counts), when there are any."""
+
+    id: int
+    at: datetime
+    kind: str
+    version: int | None
+    job_id: int | None
+    actor: str
+    detail: str
+    data: dict[str, Any] | None = None
+
+
+class EventsPublic(BaseModel):
+    """A page of a model's events, newest first.
+
+    ``count`` is the total; ``next_cursor`` fetches the next page (null: this is the last).
+    """
+
+    data: list[EventPublic]
     count: int
     next_cursor: str | None = None
 
@@ -274,7 +322,9 @@ class ObservationCreate(Strict):
     day: date
     features: Features
     label: FeatureValue | Name | None = Field(
-        default=None, description="A number (regression) or a class name (classification)."
+        default=None,
+        description="A number (regression) or a class name (classification). Omit it to keep "
+        "the label stored for this day (if any); send null to clear it.",
     )
 
 
@@ -321,7 +371,10 @@ class SequenceCreate(Strict):
     user_id: UserId
     sequence_id: Annotated[str, Field(min_length=1, max_length=128)]
     segments: list[SegmentIn] = Field(min_length=1)
-    labels: list[Name] | None = None
+    labels: list[Name] | None = Field(
+        default=None,
+        description="One state per segment. Omit to keep the stored labels; null clears them.",
+    )
 
     @model_validator(mode="after")
     def _one_label_per_segment(self) -> SequenceCreate:

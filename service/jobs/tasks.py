@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import NotFound
 from service.jobs.queue import enqueue_user_updates, finish_job
-from service.learning import refit
+from service.learning import history, refit
 from service.learning.serving import Predictor
 from service.learning.user_update import fit_user, write_user_fit
+from service.storage import retention
 from service.storage.tables import Model, ModelVersion
 
 
@@ -47,6 +48,8 @@ class JobContext:
     device: str
     max_attempts: int
     progress: Callable[[dict[str, Any]], None]
+    keep_versions: int = 5
+    refit_backoff_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -105,27 +108,51 @@ def run_refit(context: JobContext, claim: Claim) -> JobResult:
         activate="if_not_worse",
         callback=on_epoch,
     )
-    with refit.keep_artifact_if_committed(trained), context.session_factory() as session:
-        version = record_with_follow_ups(session, trained, max_attempts=context.max_attempts)
+    with (
+        refit.keep_artifact_if_committed(context.session_factory, trained),
+        context.session_factory() as session,
+    ):
+        version, pruned = commit_refit(
+            session, trained, job_id=claim.job_id, actor="worker",
+            max_attempts=context.max_attempts, keep_versions=context.keep_versions,
+            backoff_seconds=context.refit_backoff_seconds,
+        )
         result = JobResult(refit_progress(version, last), version.version)
         _finish(session, claim, result)
         session.commit()
+    retention.delete_artifacts(context.artifact_dir, pruned)
     return result
 
 
-def record_with_follow_ups(
-    session: Session, trained: refit.TrainedVersion, *, max_attempts: int, follow_up: bool = True
-) -> ModelVersion:
-    """Record a trained version and, when it becomes active (and ``follow_up``), queue a
-    per-user update for every user whose labels changed while it trained, so those labels reach
-    its θⁱ (flushes)."""
+def commit_refit(
+    session: Session,
+    trained: refit.TrainedVersion,
+    *,
+    job_id: int | None,
+    actor: str,
+    max_attempts: int,
+    keep_versions: int,
+    backoff_seconds: float,
+    follow_up: bool = True,
+) -> tuple[ModelVersion, list[str]]:
+    """Everything a trained version writes, in the caller's transaction (flushes): the version
+    and its θⁱ rows; when it becomes active (and ``follow_up``), a per-user update for every
+    user whose labels changed while it trained, so those labels reach its θⁱ; the model's events
+    and refit-trigger memory; retention. Returns the version and the artifact paths of pruned
+    versions, to delete once the transaction committed."""
     version = refit.record_version(session, trained)
     if follow_up and version.status == "active":
         users = refit.users_to_follow_up(session, trained)
         enqueue_user_updates(
             session, model_id=trained.model.id, user_ids=users, max_attempts=max_attempts
         )
-    return version
+    history.record_refit(
+        session, trained, version, job_id=job_id, actor=actor, backoff_seconds=backoff_seconds
+    )
+    pruned = retention.prune_versions(
+        session, model_id=trained.model.id, keep=keep_versions, job_id=job_id
+    )
+    return version, pruned
 
 
 def refit_model(
@@ -138,19 +165,27 @@ def refit_model(
     callback: Callable[[dict[str, Any]], None] | None = None,
     follow_up_updates: bool = True,
     max_attempts: int = 3,
+    keep_versions: int = 5,
+    actor: str = "cli",
 ) -> ModelVersion:
     """A refit outside the worker (``nme-service refit``, the demo): train, then commit the
-    version, its θⁱ rows and the follow-up user updates in one transaction."""
+    version, its θⁱ rows, the follow-up user updates, its events and retention in one
+    transaction."""
     trained = refit.train_version(
         session_factory, model_name=model_name, artifact_dir=artifact_dir, device=device,
         activate=activate, callback=callback,
     )
-    with refit.keep_artifact_if_committed(trained), session_factory() as session:
-        version = record_with_follow_ups(
-            session, trained, max_attempts=max_attempts, follow_up=follow_up_updates
+    with (
+        refit.keep_artifact_if_committed(session_factory, trained),
+        session_factory() as session,
+    ):
+        version, pruned = commit_refit(
+            session, trained, job_id=None, actor=actor, max_attempts=max_attempts,
+            keep_versions=keep_versions, backoff_seconds=0.0, follow_up=follow_up_updates,
         )
         session.commit()
-        return version
+    retention.delete_artifacts(artifact_dir, pruned)
+    return version
 
 
 def refit_progress(version: ModelVersion, last: dict[str, Any]) -> dict[str, Any]:

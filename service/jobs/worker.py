@@ -3,7 +3,8 @@
 Lifecycle (``nme-service worker``):
 
 - at start, and every ``NME_REFIT_CHECK_SECONDS``: requeue jobs of dead workers (stale
-  heartbeat) and check the refit triggers;
+  heartbeat) and check the refit triggers; at start and every ``NME_MAINTENANCE_SECONDS``:
+  retention (old versions, finished jobs, events, orphaned artifacts);
 - claim the oldest due job (``fetch_job``: ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and commit
   the claim; a heartbeat thread refreshes ``heartbeat_at`` and writes the latest progress every
   ``NME_JOB_HEARTBEAT_SECONDS``;
@@ -11,7 +12,9 @@ Lifecycle (``nme-service worker``):
   with back-off (``RetryPolicy``) until ``max_attempts``; errors that a retry cannot fix (a
   model without labels, a deleted model) fail it at once;
 - SIGTERM/SIGINT: finish the running job, then exit (drain); a SIGKILL loses nothing but time:
-  the job is requeued by the next worker once its heartbeat is stale.
+  the job is requeued by the next worker once its heartbeat is stale;
+- a database outage does not end the process: it logs once, retries with back-off (1 s
+  doubling to 30 s) on fresh connections, and logs once more when the database is back.
 
 On SQLite run one worker (writers are serialised and SKIP LOCKED does not exist there).
 """
@@ -24,20 +27,32 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.db import make_engine, make_session_factory
-from service.errors import ServiceError
+from service.errors import ServiceError, public_message
 from service.jobs import queue
 from service.jobs.tasks import RUNNERS, Claim, JobContext, JobLost
 from service.jobs.triggers import check_refit_triggers
+from service.learning import history
 from service.learning.serving import Predictor
+from service.storage import retention
+from service.storage.tables import Model, utcnow
 
 log = logging.getLogger("service.worker")
+
+DATABASE_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
+"""What a database outage raises (connection refused, terminated, timed out)."""
+OUTAGE_FIRST_WAIT = 1.0
+OUTAGE_MAX_WAIT = 30.0
+"""Back-off between reconnection attempts while the database is unreachable (seconds)."""
 
 
 class Heartbeat:
@@ -123,6 +138,8 @@ class Worker:
         self.predictor = Predictor(artifact_dir=settings.artifact_dir, device=settings.device)
         self.stopping = threading.Event()
         self._next_check = 0.0
+        self._next_housekeeping = 0.0
+        self._database_down_since: float | None = None
 
     def close(self) -> None:
         """Release the database connections."""
@@ -145,9 +162,18 @@ class Worker:
         """Run jobs; returns how many ran. ``burst``: return once no job is due."""
         log.info("worker started", extra={"action": "worker_start", "worker": self.name})
         done = 0
+        outage_wait = 0.0
         while not self.stopping.is_set():
-            self.maintain()
-            claim = self.claim()
+            try:
+                self.maintain()
+                claim = self.claim()
+            except DATABASE_ERRORS as err:
+                outage_wait = min(OUTAGE_MAX_WAIT, max(OUTAGE_FIRST_WAIT, 2 * outage_wait))
+                self._database_down(err, outage_wait)
+                self.stopping.wait(outage_wait)
+                continue
+            outage_wait = 0.0
+            self._database_up()
             if claim is None:
                 if burst:
                     break
@@ -162,12 +188,39 @@ class Worker:
                                           "jobs": done})
         return done
 
+    def _database_down(self, err: Exception, wait: float) -> None:
+        # One log line per state change, not one per poll.
+        if self._database_down_since is None:
+            self._database_down_since = time.monotonic()
+            log.error(
+                f"database unreachable ({type(err).__name__}); retrying with back-off",
+                extra={"action": "database_down", "worker": self.name},
+            )
+        self.engine.dispose()  # drop pooled connections the outage broke
+        log.debug(f"database still unreachable; next try in {wait:.0f} s")
+
+    def _database_up(self) -> None:
+        if self._database_down_since is not None:
+            seconds = time.monotonic() - self._database_down_since
+            self._database_down_since = None
+            log.warning(
+                f"database reachable again after {seconds:.0f} s",
+                extra={"action": "database_up", "worker": self.name},
+            )
+
     def maintain(self, *, force: bool = False) -> None:
-        """Requeue stalled jobs and check refit triggers, at most every refit_check_seconds."""
+        """Requeue stalled jobs and check refit triggers, at most every refit_check_seconds;
+        housekeeping (retention, orphaned artifacts) at most every maintenance_seconds.
+
+        Raises the database's connection errors (the run loop backs off); anything else is
+        logged and tried again next time."""
         now = time.monotonic()
         if not force and now < self._next_check:
             return
         self._next_check = now + self.settings.refit_check_seconds
+        if force or now >= self._next_housekeeping:
+            self._next_housekeeping = now + self.settings.maintenance_seconds
+            self.housekeeping()
         try:
             with self.session_factory() as session:
                 stalled = queue.requeue_stalled_jobs(
@@ -191,8 +244,43 @@ class Worker:
             for item in triggered:
                 log.info("refit queued: " + item.reason,
                          extra={"job": item.job_id, "action": "trigger", "model": item.model})
+        except DATABASE_ERRORS:
+            self._next_check = 0.0
+            raise
         except Exception:  # e.g. a race with a concurrent enqueue: try again next time
             log.exception("maintenance failed", extra={"action": "maintain"})
+
+    def housekeeping(self) -> None:
+        """Retention: old versions beyond NME_KEEP_VERSIONS, finished jobs and events beyond
+        NME_JOB_RETENTION_SECONDS, and artifact directories no version references."""
+        settings = self.settings
+        try:
+            pruned: list[str] = []
+            with self.session_factory() as session:
+                for model_id in session.scalars(select(Model.id)):
+                    pruned += retention.prune_versions(
+                        session, model_id=model_id, keep=settings.keep_versions
+                    )
+                cutoff = utcnow() - timedelta(seconds=settings.job_retention_seconds)
+                jobs, events = retention.prune_finished(session, older_than=cutoff)
+                session.commit()
+            retention.delete_artifacts(settings.artifact_dir, pruned)
+            with self.session_factory() as session:
+                orphans = retention.collect_orphans(
+                    session, artifact_dir=settings.artifact_dir,
+                    grace_seconds=settings.artifact_grace_seconds,
+                )
+            if pruned or jobs or events or orphans:
+                log.info(
+                    f"housekeeping: {len(pruned)} old versions, {jobs} finished jobs, {events} "
+                    f"events and {len(orphans)} orphaned artifact directories deleted",
+                    extra={"action": "housekeeping", "worker": self.name},
+                )
+        except DATABASE_ERRORS:
+            self._next_housekeeping = 0.0
+            raise
+        except Exception:
+            log.exception("housekeeping failed", extra={"action": "housekeeping"})
 
     def claim(self) -> Claim | None:
         """Claim the next due job and commit the claim."""
@@ -233,38 +321,64 @@ class Worker:
                 device=self.settings.device,
                 max_attempts=self.settings.job_max_attempts,
                 progress=progress,
+                keep_versions=self.settings.keep_versions,
+                refit_backoff_seconds=self.settings.refit_backoff_seconds,
             )
+            attempted_at = utcnow()
             try:
                 result = RUNNERS[claim.kind](context, claim)
             except JobLost as err:
                 log.warning(str(err), extra={**extra, "action": "lost"})
                 return "lost"
             except Exception as err:
-                return self._failed(claim, err, extra, time.perf_counter() - started)
+                return self._failed(
+                    claim, err, extra, time.perf_counter() - started, attempted_at
+                )
         seconds = round(time.perf_counter() - started, 3)
         log.info(result.progress.get("message", "done"),
                  extra={**extra, "action": "succeeded", "seconds": seconds,
                         "result_version": result.result_version})
         return "succeeded"
 
-    def _failed(self, claim: Claim, err: Exception, extra: dict, seconds: float) -> str:
-        message = f"{type(err).__name__}: {err}"
+    def _failed(
+        self, claim: Claim, err: Exception, extra: dict, seconds: float, attempted_at: datetime
+    ) -> str:
+        # The job row and the event log get a stable human message; the traceback (which may
+        # quote SQL or data) goes to this process's log only.
+        message = public_message(err)
         permanent = isinstance(err, ServiceError)  # a retry cannot fix bad data
-        with self.session_factory() as session:
-            if not permanent and self.retry.should_retry(claim.attempt, claim.max_attempts):
-                delay = self.retry.delay(claim.attempt)
-                queue.retry_job(session, job_id=claim.job_id, attempt=claim.attempt,
-                                error=message, delay_seconds=delay)
-                status, action = "queued", "retry"
-            else:
-                queue.finish_job(session, job_id=claim.job_id, attempt=claim.attempt,
-                                 status="failed", error=message)
-                status, action = "failed", "fail"
-            session.commit()
+        log.log(
+            logging.ERROR if permanent else logging.WARNING,
+            f"{claim.kind} failed: {type(err).__name__}: {err}",
+            exc_info=not permanent,
+            extra={**extra, "action": "error", "seconds": round(seconds, 3)},
+        )
+        try:
+            with self.session_factory() as session:
+                if not permanent and self.retry.should_retry(claim.attempt, claim.max_attempts):
+                    delay = self.retry.delay(claim.attempt)
+                    queue.retry_job(session, job_id=claim.job_id, attempt=claim.attempt,
+                                    error=message, delay_seconds=delay)
+                    status, action = "queued", "retry"
+                else:
+                    owned = queue.finish_job(session, job_id=claim.job_id, attempt=claim.attempt,
+                                             status="failed", error=message)
+                    if owned and claim.kind == "refit":
+                        history.record_refit_failure(
+                            session, model_id=claim.model_id, job_id=claim.job_id,
+                            message=message, attempted_at=attempted_at,
+                            backoff_seconds=self.settings.refit_backoff_seconds,
+                        )
+                    status, action = "failed", "fail"
+                session.commit()
+        except DATABASE_ERRORS:
+            # The claim stays `running`; once its heartbeat is stale a worker requeues it.
+            log.error("could not record the job's outcome: database unreachable",
+                      extra={**extra, "action": "outcome_lost"})
+            return "unrecorded"
         log.log(
             logging.WARNING if status == "queued" else logging.ERROR,
             message,
-            exc_info=not permanent,
             extra={**extra, "action": action, "seconds": round(seconds, 3)},
         )
         return status

@@ -12,6 +12,7 @@ and seed therefore give identical scores (a tie activates: "not worse").
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,18 +54,42 @@ def decide(
     *,
     score_name: str,
     champion_error: str | None = None,
+    baseline_score: float | None = None,
 ) -> Decision:
-    """Activate unless the champion scored strictly better (higher is better)."""
+    """Activate unless the champion scored strictly better (higher is better).
+
+    Without a champion, a first version activates only if it beats ``baseline_score`` (the
+    trivial predictor: the training labels' mean, or their most frequent class or state) on
+    the held-out labels. A challenger whose score is not finite never activates; a champion
+    whose score is not finite never blocks a finite challenger.
+    """
 
     def make(activate: bool, reason: str) -> Decision:
         return Decision(activate, reason, challenger_score, champion_score, champion_version)
 
+    if challenger_score is not None and not math.isfinite(challenger_score):
+        return make(False, f"{score_name} is not finite: kept as ready, not served")
     if champion_version is None:
-        return make(True, "no active version to compare with")
+        if challenger_score is None or baseline_score is None:
+            return make(True, "no active version to compare with")
+        if challenger_score > baseline_score:
+            return make(
+                True,
+                f"no active version; {score_name} {challenger_score:.4g} beats the trivial "
+                f"predictor's {baseline_score:.4g}",
+            )
+        return make(
+            False,
+            f"no active version, but {score_name} {challenger_score:.4g} does not beat the "
+            f"trivial predictor's {baseline_score:.4g} (the training labels' mean or most "
+            "frequent class) on the same validation labels; kept as ready",
+        )
     if challenger_score is None:
         return make(True, "no validation labels: nothing to compare on")
     if champion_score is None:
         return make(True, f"version {champion_version} cannot be scored: {champion_error}")
+    if not math.isfinite(champion_score):
+        return make(True, f"version {champion_version}'s {score_name} is not finite")
     if challenger_score >= champion_score - TIE_TOLERANCE * max(1.0, abs(champion_score)):
         return make(
             True,

@@ -166,14 +166,32 @@ def users_to_follow_up(session: Session, trained: TrainedVersion) -> list[int]:
 
 
 @contextmanager
-def keep_artifact_if_committed(trained: TrainedVersion) -> Iterator[None]:
-    """Around the transaction that records ``trained``: if it fails, delete the artifact so a
-    half-written version leaves nothing behind."""
+def keep_artifact_if_committed(
+    session_factory: sessionmaker[Session], trained: TrainedVersion
+) -> Iterator[None]:
+    """Around the transaction that records ``trained``: if it fails, delete the artifact —
+    but only once a fresh look at the database shows its version is not there. A commit can
+    fail on the client after the server committed (a dropped connection); deleting then would
+    leave an active version without its artifact. When the database cannot be asked, the
+    artifact stays, and the orphan collector removes it later if it is unreferenced."""
     try:
         yield
     except BaseException:
-        remove_artifact(trained.artifact_dir, trained.artifact_path)
+        if version_is_absent(session_factory, trained.artifact_path):
+            remove_artifact(trained.artifact_dir, trained.artifact_path)
         raise
+
+
+def version_is_absent(session_factory: sessionmaker[Session], artifact_path: str) -> bool:
+    """True only when the database answers that no version references ``artifact_path``."""
+    try:
+        with session_factory() as session:
+            found = session.scalar(
+                select(ModelVersion.id).where(ModelVersion.artifact_path == artifact_path)
+            )
+    except Exception:  # unreachable: we do not know, so keep the artifact
+        return False
+    return found is None
 
 
 def _champion_challenger(
@@ -189,6 +207,9 @@ def _champion_challenger(
     with session_factory() as session:
         champion = store.get_active_version(session, model_id=model.id)
         champion_score, challenger_score, error = None, None, None
+        baseline = None
+        if champion is None and metrics["val_score"] is not None:
+            baseline = kind_of(model).baseline_score(data)
         if champion is not None and metrics["val_score"] is not None:
             challenger_score = score_challenger(model, estimator, data)
             try:
@@ -204,5 +225,6 @@ def _champion_challenger(
         champion.version if champion is not None else None,
         score_name=metrics["score_name"],
         champion_error=error,
+        baseline_score=baseline,
     )
 

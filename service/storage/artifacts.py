@@ -71,6 +71,16 @@ def load_verified(artifact_dir: Path, relative_path: str, sha256: str, device: s
     return load_estimator(path, device=device)
 
 
+def artifact_problem(artifact_dir: Path, relative_path: str, sha256: str) -> str | None:
+    """Why an artifact cannot be served (missing, or another sha256), or None if it can."""
+    path = artifact_dir / relative_path
+    if not path.is_dir():
+        return "its artifact is missing"
+    if artifact_sha256(path) != sha256:
+        return "its artifact does not match the recorded sha256"
+    return None
+
+
 def _fsync_tree(path: Path) -> None:
     # The rename is only a durable commit point if the files reached the disk first.
     for file in path.iterdir():

@@ -66,9 +66,11 @@ def add_model(
     states: Sequence[str] | None,
     architecture: Mapping[str, Any],
     training: Mapping[str, Any],
+    label_range: Sequence[float] | None = None,
 ) -> Model:
     """Create a model definition (no versions yet)."""
     model = Model(
+        label_range=list(label_range) if label_range is not None else None,
         name=name,
         task=task,
         features=list(features),
@@ -326,14 +328,16 @@ def upsert_observations(
     """Insert or update observations keyed on (model, user, day).
 
     Args:
-        rows: dicts with ``user_id`` (row id), ``day``, ``features``, ``label``.
+        rows: dicts with ``user_id`` (row id), ``day``, ``features`` and optionally ``label``:
+            a row without the ``label`` key keeps the stored label (a new row gets none); an
+            explicit None clears it.
     """
-    return _upsert(
+    return _upsert_keeping(
         session,
         Observation.__table__,
         [{"model_id": model_id, **row} for row in rows],
         keys=("model_id", "user_id", "day"),
-        values=("features", "label"),
+        values=("features",),
         label="label",
     )
 
@@ -344,15 +348,38 @@ def upsert_sequences(
     """Insert or update sequences keyed on (model, user, sequence_id).
 
     Args:
-        rows: dicts with ``user_id`` (row id), ``sequence_id``, ``segments``, ``labels``.
+        rows: dicts with ``user_id`` (row id), ``sequence_id``, ``segments`` and optionally
+            ``labels`` (absent: keep the stored labels; None: clear them).
     """
-    return _upsert(
+    return _upsert_keeping(
         session,
         SequenceRow.__table__,
         [{"model_id": model_id, **row} for row in rows],
         keys=("model_id", "user_id", "sequence_id"),
-        values=("segments", "labels"),
+        values=("segments",),
         label="labels",
+    )
+
+
+def _upsert_keeping(
+    session: Session,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    keys: tuple[str, ...],
+    values: tuple[str, ...],
+    label: str,
+) -> UpsertCounts:
+    """Upsert rows that carry the label column (it is overwritten) and rows that do not (the
+    stored label stays; a new row is inserted unlabelled) as two statements."""
+    with_label = [row for row in rows if label in row]
+    keeping = [{**row, label: None} for row in rows if label not in row]
+    first = _upsert(session, table, with_label, keys=keys, values=(*values, label), label=label)
+    second = _upsert(session, table, keeping, keys=keys, values=values, label=label)
+    return UpsertCounts(
+        inserted=first.inserted + second.inserted,
+        updated=first.updated + second.updated,
+        labelled_users=first.labelled_users | second.labelled_users,
     )
 
 

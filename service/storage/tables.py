@@ -47,6 +47,17 @@ TASKS = ("regression", "classification", "sequence")
 VERSION_STATUSES = ("ready", "active")
 JOB_KINDS = ("refit", "user_update")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+EVENT_KINDS = (
+    "refit_queued",
+    "version_trained",
+    "activated",
+    "rejected",
+    "refit_failed",
+    "rolled_back",
+    "pruned",
+    "labels_skipped",
+    "sequences_skipped",
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -113,7 +124,15 @@ class Model(Base):
     states: Mapped[list[str] | None] = mapped_column(JsonType)
     architecture: Mapped[dict[str, Any]] = mapped_column(JsonType)
     training: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    # Regression only: ``[low, high]`` a label must lie in (None: any float32-finite number).
+    label_range: Mapped[list[float] | None] = mapped_column(JsonType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The refit trigger's memory: labels changed after ``refit_attempted_at`` are new (an
+    # attempt is activated, rejected or permanently failed); after ``refit_failures``
+    # consecutive rejections or failures no refit is queued before ``refit_not_before``.
+    refit_attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    refit_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    refit_not_before: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class ModelVersion(Base):
@@ -232,7 +251,7 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
-        Index(None, "status", "run_after"),
+        Index(None, "status", "priority", "run_after"),
         Index(None, "model_id"),
         Index(None, "user_id"),
         Index(
@@ -249,6 +268,8 @@ class Job(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16))
+    # Lower runs first: refits (0) before user updates (10).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     coalesce_key: Mapped[str | None] = mapped_column(String(200))
@@ -260,3 +281,28 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ModelEvent(Base):
+    """One entry of a model's history: a refit queued, a version trained, activated, rejected,
+    failed, rolled back or pruned, labels skipped. ``detail`` is a human message (never raw
+    exception text); ``data`` carries the numbers behind it (scores, counts)."""
+
+    __tablename__ = "model_events"
+    __table_args__ = (
+        CheckConstraint(_in("kind", EVENT_KINDS), name="kind"),
+        Index(None, "model_id", "id"),
+        Index(None, "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int | None] = mapped_column(Integer)
+    # No foreign key: job rows are pruned on their own schedule (events follow the same one).
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(100))
+    detail: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+

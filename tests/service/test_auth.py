@@ -51,7 +51,7 @@ def test_route_walk_finds_every_documented_operation(client: TestClient) -> None
 
 def test_every_route_but_health_refuses_anonymous_requests(client: TestClient) -> None:
     routes = api_routes(client)
-    assert len(routes) == 18
+    assert len(routes) == 19  # + GET /v1/models/{name}/events
     for method, template in routes:
         path = re.sub(r"{(\w+)}", lambda m: FILLERS[m.group(1)], template)
         response = client.request(method, path)

@@ -17,7 +17,7 @@ from service.api.paging import DEFAULT_LIMIT, Cursor, Limit, decode_cursor, spli
 from service.api.schemas import JobCreate, JobEnvelope, JobPublic, JobsPublic
 from service.errors import Conflict, NotFound
 from service.jobs.queue import enqueue_job
-from service.storage import store
+from service.storage import events, store
 from service.storage.tables import Job, Model
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -42,7 +42,7 @@ def job_public(job: Job, model_name: str, user_external_id: str | None) -> JobPu
 
 
 def _enqueue(
-    session: Session, model: Model, body: JobCreate, max_attempts: int
+    session: Session, model: Model, body: JobCreate, max_attempts: int, actor: str
 ) -> JobEnvelope:
     user_id = None
     if body.kind == "user_update":
@@ -53,9 +53,14 @@ def _enqueue(
         user_id = user.id
     elif not store.has_labels(session, model_id=model.id):
         raise Conflict(f"model {model.name!r} has no labels to train on")
-    job, _created = enqueue_job(
+    job, created = enqueue_job(
         session, kind=body.kind, model_id=model.id, user_id=user_id, max_attempts=max_attempts
     )
+    if created and body.kind == "refit":
+        events.add_event(
+            session, model_id=model.id, kind="refit_queued", job_id=job.id, actor=actor,
+            detail="refit requested through the API",
+        )
     session.commit()
     return JobEnvelope(job=job_public(job, model.name, body.user_id))
 
@@ -64,21 +69,23 @@ def _enqueue(
     "/models/{name}/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobEnvelope
 )
 def create_job(
-    _key: AdminKey, model: ModelDep, body: JobCreate, session: SessionDep, settings: SettingsDep
+    key: AdminKey, model: ModelDep, body: JobCreate, session: SessionDep, settings: SettingsDep
 ) -> JobEnvelope:
     """Queue a job; an equivalent queued job (same model, kind and user) is returned instead of
     a duplicate. 404 for an unknown user, 409 for a refit of a model without labels."""
-    return _enqueue(session, model, body, settings.job_max_attempts)
+    return _enqueue(session, model, body, settings.job_max_attempts, f"key:{key.name}")
 
 
 @router.post(
     "/models/{name}/refit", status_code=status.HTTP_202_ACCEPTED, response_model=JobEnvelope
 )
 def refit(
-    _key: AdminKey, model: ModelDep, session: SessionDep, settings: SettingsDep
+    key: AdminKey, model: ModelDep, session: SessionDep, settings: SettingsDep
 ) -> JobEnvelope:
     """Queue a refit (champion/challenger activation); poll ``GET /v1/jobs/{id}``."""
-    return _enqueue(session, model, JobCreate(kind="refit"), settings.job_max_attempts)
+    return _enqueue(
+        session, model, JobCreate(kind="refit"), settings.job_max_attempts, f"key:{key.name}"
+    )
 
 
 @router.get("/models/{name}/jobs", response_model=JobsPublic)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from service.api.deps import AdminKey, AnyKey, ModelDep, PredictorDep, SessionDep
+from service.api.deps import AdminKey, AnyKey, ModelDep, PredictorDep, SessionDep, SettingsDep
 from service.api.paging import DEFAULT_LIMIT, Cursor, Limit, decode_cursor, split_page
 from service.api.schemas import (
     ModelCreate,
@@ -14,8 +14,10 @@ from service.api.schemas import (
     VersionsPublic,
 )
 from service.errors import Conflict, NotFound
+from service.learning import history
 from service.learning.kinds import kind_for
 from service.storage import store
+from service.storage.artifacts import artifact_problem
 from service.storage.tables import Model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -31,6 +33,7 @@ def model_public(model: Model, active_version: int | None) -> ModelPublic:
         states=model.states,
         architecture=model.architecture,
         training=model.training,
+        label_range=model.label_range,
         active_version=active_version,
         created_at=model.created_at,
     )
@@ -53,6 +56,7 @@ def create_model(_key: AdminKey, body: ModelCreate, session: SessionDep) -> Mode
         states=body.states,
         architecture=architecture,
         training=training,
+        label_range=body.label_range,
     )
     session.commit()
     return model_public(model, None)
@@ -100,15 +104,35 @@ def list_versions(
     )
 
 
-@router.post("/{name}/versions/{version}/activate", response_model=VersionPublic)
+@router.post(
+    "/{name}/versions/{version}/activate",
+    response_model=VersionPublic,
+    responses={409: {"description": "The version's artifact is missing or corrupt"}},
+)
 def activate_version(
-    _key: AdminKey, model: ModelDep, version: int, session: SessionDep, predictor: PredictorDep
+    key: AdminKey,
+    model: ModelDep,
+    version: int,
+    session: SessionDep,
+    predictor: PredictorDep,
+    settings: SettingsDep,
 ) -> VersionPublic:
-    """Serve predictions from ``version`` (also the rollback to an older version)."""
+    """Serve predictions from ``version`` (also the rollback to an older version). The
+    version's artifact is checked first (present, sha256 as recorded): 409 otherwise. The model's
+    event log records the activation (``rolled_back`` for an older version) with the key."""
     row = store.get_version(session, model_id=model.id, version=version)
     if row is None:
         raise NotFound(f"model {model.name!r} has no version {version}")
-    store.activate_version(session, version=row)
+    problem = artifact_problem(settings.artifact_dir, row.artifact_path, row.artifact_sha256)
+    if problem is not None:
+        raise Conflict(f"version {version} cannot be served: {problem}")
+    previous = store.get_active_version(session, model_id=model.id)
+    if previous is None or previous.id != row.id:
+        store.activate_version(session, version=row)
+        history.record_activation(
+            session, model_id=model.id, version=row, previous=previous,
+            actor=f"key:{key.name}",
+        )
     session.commit()
     predictor.forget(model.id)
     return VersionPublic.model_validate(row, from_attributes=True)

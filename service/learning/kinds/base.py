@@ -16,6 +16,7 @@ with the model, so every refit of it trains the same way.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import torch
 from sqlalchemy.orm import Session
 
 from nme import NMEClassifier, NMERegressor, NMESequenceTagger
@@ -54,6 +56,16 @@ VALIDATION_FRACTION = 0.2
 """Each user's last 20 % of labels (in time order) validate; the rest train."""
 
 
+@dataclass(frozen=True)
+class TrainingWarning:
+    """Something a refit left out of training and says so in the model's event log."""
+
+    kind: str
+    """The event kind (``labels_skipped`` or ``sequences_skipped``)."""
+    detail: str
+    data: dict[str, Any]
+
+
 class TrainingData(Protocol):
     """A model's labelled data split for one refit (each kind has its own concrete class).
 
@@ -65,6 +77,8 @@ class TrainingData(Protocol):
     persons_val: list[str]
     user_row_ids: dict[str, int]
     read_at: datetime
+    warnings: list[TrainingWarning]
+    """What was left out of training and why (recorded as events)."""
 
     @property
     def n_observations(self) -> int:
@@ -108,6 +122,37 @@ class UserSummary:
 
     bias: float | dict[str, float] | None = None
     transitions: list[list[float]] | None = None
+
+
+def sent(item: Any, field: str) -> bool:
+    """Whether a request item set ``field`` explicitly (even to null) rather than omitting it.
+
+    Omitting a label keeps the stored one; an explicit null clears it. Items that do not track
+    which fields were set (anything but a pydantic model) count as having sent every field.
+    """
+    fields_set = getattr(item, "model_fields_set", None)
+    return fields_set is None or field in fields_set
+
+
+def non_finite_parts(estimator: Any) -> list[str]:
+    """Names of a fitted estimator's statistics and tensors that hold NaN or ±inf: the
+    normalisation statistics, σ², every parameter and buffer of the network (θ̄, θⁱ, Σ)."""
+    bad = []
+    for name in ("x_scaler_", "y_scaler_"):
+        scaler = getattr(estimator, name, None)
+        if scaler is not None and not (
+            np.isfinite(scaler.mean).all() and np.isfinite(scaler.std).all()
+        ):
+            bad.append(name.rstrip("_"))
+    sigma2 = getattr(estimator, "sigma2_", None)
+    if sigma2 is not None and not math.isfinite(float(sigma2)):
+        bad.append("sigma2")
+    module = getattr(estimator, "module_", None)
+    if module is not None:
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+    return bad
 
 
 def temporal_split(persons: list[str], fraction: float = VALIDATION_FRACTION) -> np.ndarray:
@@ -280,6 +325,12 @@ class ModelKind(ABC):
             "best_epoch": int(estimator.best_epoch_),
             "fit_seconds": round(time.perf_counter() - started, 3),
         }
+        broken = non_finite_parts(estimator)
+        if broken:
+            raise Conflict(
+                f"the refit of model {model.name!r} produced non-finite values in "
+                f"{', '.join(broken[:5])}; no version was recorded (check the labels)"
+            )
         if data.persons_val:
             n_val = len(data.persons_val)
             metrics["val_score"] = self.score(estimator, data)
@@ -289,7 +340,18 @@ class ModelKind(ABC):
                 effects=np.zeros((n_val, estimator.n_effects_), dtype=np.float32),
                 known=np.zeros(n_val, dtype=bool),
             )
+        if metrics["val_score"] is not None and not math.isfinite(metrics["val_score"]):
+            raise Conflict(
+                f"the refit of model {model.name!r} scored a non-finite {self.score_name} on "
+                "its validation labels; no version was recorded"
+            )
         return estimator, metrics
+
+    @abstractmethod
+    def baseline_score(self, data: Any) -> float | None:
+        """The trivial predictor's per-person validation score (the training labels' mean, or
+        their most frequent class or state), on the same scale as :meth:`score`; None without
+        validation labels. A first version must beat it to be activated."""
 
     @abstractmethod
     def score(

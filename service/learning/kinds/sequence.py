@@ -6,7 +6,7 @@ Trained with ``nme.NMESequenceTagger``; ingested at ``/sequences``; served at ``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
@@ -21,8 +21,10 @@ from service.learning.kinds.base import (
     Callback,
     Decoded,
     ModelKind,
+    TrainingWarning,
     UserData,
     UserSummary,
+    sent,
     split_persons,
     temporal_split,
 )
@@ -59,6 +61,7 @@ class SequenceData:
     persons_val: list[str]
     user_row_ids: dict[str, int]
     read_at: datetime
+    warnings: list[TrainingWarning] = field(default_factory=list)
 
     @property
     def n_observations(self) -> int:
@@ -119,6 +122,32 @@ class SequenceKind(ModelKind):
         if errors:
             raise InvalidInput(errors)
 
+    def check_transitions(
+        self,
+        model: Model,
+        labels: Sequence[Sequence[str] | None],
+        locs: Sequence[list[str | int]],
+    ) -> None:
+        """No label path may use a forbidden transition (422 naming the pair and position):
+        such a sequence has zero probability under the model and would fail every refit."""
+        errors = []
+        for path, loc in zip(labels, locs, strict=True):
+            position = first_forbidden(model, path)
+            if position is not None:
+                pair = (path[position - 1], path[position])  # type: ignore[index]
+                errors.append(
+                    invalid(
+                        [*loc, position],
+                        f"transition {pair[0]!r} → {pair[1]!r} (segments {position - 1} → "
+                        f"{position}) is forbidden in this model",
+                        "forbidden_transition",
+                    )
+                )
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+        if errors:
+            raise InvalidInput(errors)
+
     def ingest(
         self, session: Session, *, model: Model, items: Sequence[SequenceItem]
     ) -> store.UpsertCounts:
@@ -132,11 +161,10 @@ class SequenceKind(ModelKind):
                     for k in range(len(item.segments))
                 ],
             )
-        self.check_states(
-            model,
-            [item.labels for item in items],
-            [["body", "items", i, "labels"] for i in range(len(items))],
-        )
+        labels = [item.labels for item in items]
+        locs: list[list[str | int]] = [["body", "items", i, "labels"] for i in range(len(items))]
+        self.check_states(model, labels, locs)
+        self.check_transitions(model, labels, locs)
         check_unique_keys(
             [(item.user_id, item.sequence_id) for item in items], "(user_id, sequence_id)"
         )
@@ -149,7 +177,7 @@ class SequenceKind(ModelKind):
                     {name: segment.features[name] for name in model.features}
                     for segment in item.segments
                 ],
-                "labels": item.labels,
+                **({"labels": item.labels} if sent(item, "labels") else {}),
             }
             for item in items
         ]
@@ -161,6 +189,9 @@ class SequenceKind(ModelKind):
         """Labelled sequences, per user in the order they arrived, split per user in time."""
         read_at = utcnow()
         rows = store.load_labelled_sequences(session, model_id=model.id)
+        # Stored before forbidden transitions were refused at ingest: train without them.
+        skipped = [row for row in rows if first_forbidden(model, row.labels) is not None]
+        rows = [row for row in rows if first_forbidden(model, row.labels) is None]
         if not rows:
             raise Conflict(f"model {model.name!r} has no labelled sequences to train on")
         persons = [row.external_id for row in rows]
@@ -174,6 +205,7 @@ class SequenceKind(ModelKind):
             persons_val=persons_val,
             user_row_ids={row.external_id: row.user_id for row in rows},
             read_at=read_at,
+            warnings=[_skipped_warning(skipped)] if skipped else [],
         )
 
     def _fit(
@@ -204,6 +236,21 @@ class SequenceKind(ModelKind):
             estimator.score_per_person(data.val, data.persons_val, effects=effects, known=known)
         )
 
+    def baseline_score(self, data: SequenceData) -> float | None:
+        """Per-person segment accuracy of always answering the most frequent training state."""
+        if not data.val:
+            return None
+        states, counts = np.unique(
+            np.concatenate([np.asarray(labels) for _, labels in data.train]), return_counts=True
+        )
+        majority = states[np.argmax(counts)]
+        hits: dict[str, list[int]] = {}
+        for person, (_, labels) in zip(data.persons_val, data.val, strict=True):
+            tally = hits.setdefault(person, [0, 0])
+            tally[0] += int(np.sum(np.asarray(labels) == majority))
+            tally[1] += len(labels)
+        return float(np.mean([right / total for right, total in hits.values()]))
+
     def person_train_inputs(self, data: SequenceData, index: list[int]) -> tuple[Any, Any]:
         chosen = [data.train[k] for k in index]
         return [x for x, _ in chosen], [labels for _, labels in chosen]
@@ -213,7 +260,11 @@ class SequenceKind(ModelKind):
     def user_data(
         self, session: Session, *, model: Model, user_id: int, estimator: Any
     ) -> UserData:
-        rows = store.load_user_sequences(session, model_id=model.id, user_id=user_id)
+        rows = [
+            row
+            for row in store.load_user_sequences(session, model_id=model.id, user_id=user_id)
+            if first_forbidden(model, row.labels) is None
+        ]
         features = [_segments_matrix(model, row.segments) for row in rows]
         return UserData(inputs=(features, [list(row.labels) for row in rows]), n=len(rows))
 
@@ -241,6 +292,29 @@ class SequenceKind(ModelKind):
         self, model: Model, estimator: NMESequenceTagger, effects: np.ndarray | None
     ) -> UserSummary:
         return UserSummary(transitions=transition_probabilities(estimator, effects))
+
+
+def first_forbidden(model: Model, path: Sequence[str] | None) -> int | None:
+    """Index k of the first segment whose transition from segment k-1 is forbidden, or None."""
+    forbidden = model.architecture.get("forbidden_transitions") or []
+    if not path or not forbidden:
+        return None
+    pairs = {(a, b) for a, b in forbidden}
+    for k in range(1, len(path)):
+        if (path[k - 1], path[k]) in pairs:
+            return k
+    return None
+
+
+def _skipped_warning(rows: Sequence[Any]) -> TrainingWarning:
+    users = sorted({row.external_id for row in rows})
+    shown = ", ".join(repr(u) for u in users[:10]) + (" …" if len(users) > 10 else "")
+    return TrainingWarning(
+        kind="sequences_skipped",
+        detail=f"{len(rows)} labelled sequence(s) use a forbidden transition and were left out "
+        f"of training (users {shown}); re-send them with valid labels",
+        data={"n_sequences": len(rows), "users": users[:100]},
+    )
 
 
 def transition_probabilities(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
@@ -21,8 +21,10 @@ from service.learning.kinds.base import (
     Callback,
     ModelKind,
     Prediction,
+    TrainingWarning,
     UserData,
     UserSummary,
+    sent,
     split_persons,
     temporal_split,
 )
@@ -33,6 +35,34 @@ from service.learning.validation import (
 )
 from service.storage import store
 from service.storage.tables import Model, utcnow
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+OUTLIER_SCALES = 10.0
+"""A regression label further than this many robust standard deviations from the median of
+the model's labels is a gross outlier that refits leave out (unless a label_range is set)."""
+
+
+def gross_outliers(labels: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Which labels ``(n,)`` are gross outliers, with the median and scale used.
+
+    The scale is the normal-consistent MAD (1.4826 · median |y − median|); when more than half
+    the labels are equal (MAD = 0) it falls back to the 1 %–99 % quantile span / 4.65 (the same
+    σ for normal data); when that is 0 too, nothing is an outlier. A few poisoned labels move
+    neither statistic, and 10 robust SDs is far beyond what honest data reaches.
+
+    Returns:
+        ``(mask (n,) bool, median, scale)``.
+    """
+    median = float(np.median(labels))
+    deviation = np.abs(labels - median)
+    scale = 1.4826 * float(np.median(deviation))
+    if scale == 0.0:
+        low, high = np.quantile(labels, [0.01, 0.99])
+        scale = float(high - low) / 4.65
+    if not np.isfinite(scale) or scale == 0.0:
+        return np.zeros(len(labels), dtype=bool), median, scale
+    return deviation > OUTLIER_SCALES * scale, median, scale
 
 
 class ObservationItem(Protocol):
@@ -67,6 +97,7 @@ class TabularData:
     persons_val: list[str]
     user_row_ids: dict[str, int]
     read_at: datetime
+    warnings: list[TrainingWarning] = field(default_factory=list)
 
     @property
     def n_observations(self) -> int:
@@ -128,7 +159,7 @@ class TabularKind(ModelKind):
                 # Canonical key order: identical content serialises identically (SQLite compares
                 # JSON as text when deciding whether a resend changed anything).
                 "features": {name: item.features[name] for name in model.features},
-                "label": item.label,
+                **({"label": item.label} if sent(item, "label") else {}),
             }
             for item in items
         ]
@@ -139,7 +170,9 @@ class TabularKind(ModelKind):
     def load_training_data(self, session: Session, *, model: Model) -> TabularData:
         """Every labelled observation, per user in day order, split per user in time."""
         read_at = utcnow()
-        rows = store.load_labelled_observations(session, model_id=model.id)
+        rows, warnings = self.screen_labels(
+            model, store.load_labelled_observations(session, model_id=model.id)
+        )
         if not rows:
             raise Conflict(f"model {model.name!r} has no labelled observations to train on")
         persons = [row.external_id for row in rows]
@@ -158,7 +191,14 @@ class TabularKind(ModelKind):
             persons_val=persons_val,
             user_row_ids={row.external_id: row.user_id for row in rows},
             read_at=read_at,
+            warnings=warnings,
         )
+
+    def screen_labels(
+        self, model: Model, rows: list[Any]
+    ) -> tuple[list[Any], list[TrainingWarning]]:
+        """Leave out labelled rows a refit must not train on, saying why (default: none)."""
+        return rows, []
 
     def _fit(
         self, model: Model, estimator: Any, data: TabularData, callback: Callback | None
@@ -188,6 +228,15 @@ class TabularKind(ModelKind):
                 data.x_val, data.y_val, data.persons_val, effects=effects, known=known
             )
         )
+
+    def baseline_score(self, data: TabularData) -> float | None:
+        if not data.persons_val:
+            return None
+        return per_person_mean(self.trivial_scores(data), data.persons_val)
+
+    @abstractmethod
+    def trivial_scores(self, data: TabularData) -> np.ndarray:
+        """Per validation item ``(n_val,)``: the trivial predictor's loss or hit."""
 
     def person_train_inputs(self, data: TabularData, index: list[int]) -> tuple[Any, Any]:
         return data.x_train[index], data.y_train[index]
@@ -230,7 +279,62 @@ class RegressionKind(TabularKind):
     label_dtype = np.float64
 
     def label_error(self, model: Model, label: float | str) -> str | None:
-        return None if isinstance(label, float) else "a regression label must be a number"
+        if not isinstance(label, float):
+            return "a regression label must be a number"
+        if not abs(label) <= FLOAT32_MAX:
+            return f"label {label:g} overflows float32 (|label| must be at most {FLOAT32_MAX:.4g})"
+        if model.label_range is not None:
+            low, high = model.label_range
+            if not low <= label <= high:
+                return f"label {label:g} is outside the model's label_range [{low:g}, {high:g}]"
+        return None
+
+    def trivial_scores(self, data: TabularData) -> np.ndarray:
+        mean = float(np.mean(data.y_train.astype(np.float64)))
+        return (data.y_val.astype(np.float64) - mean) ** 2  # squared errors (n_val,)
+
+    def baseline_score(self, data: TabularData) -> float | None:
+        # negative per-person RMSE, like NMERegressor.score_per_person
+        if not data.persons_val:
+            return None
+        squared = self.trivial_scores(data)
+        persons = np.asarray(data.persons_val)
+        users, index = np.unique(persons, return_inverse=True)
+        mse = np.bincount(index, weights=squared) / np.bincount(index)
+        return -float(np.mean(np.sqrt(mse)))
+
+    def screen_labels(
+        self, model: Model, rows: list[Any]
+    ) -> tuple[list[Any], list[TrainingWarning]]:
+        """Without a declared ``label_range``, leave out gross outliers (see
+        :func:`gross_outliers`): one mistyped label of 1e30 must not wreck every user's model."""
+        if model.label_range is not None or not rows:
+            return rows, []
+        labels = np.array([row.label for row in rows], dtype=np.float64)  # (n,)
+        outlier, median, scale = gross_outliers(labels)
+        if not outlier.any():
+            return rows, []
+        left_out = [row for row, bad in zip(rows, outlier, strict=True) if bad]
+        shown = [
+            {"user_id": row.external_id, "day": str(row.day), "label": float(row.label)}
+            for row in left_out[:20]
+        ]
+        examples = ", ".join(f"{s['label']:g} ({s['user_id']!r}, {s['day']})" for s in shown[:5])
+        warning = TrainingWarning(
+            kind="labels_skipped",
+            detail=f"{len(left_out)} label(s) lie more than {OUTLIER_SCALES:g} robust standard "
+            f"deviations from the median {median:.4g} (scale {scale:.4g}) and were left out of "
+            f"training: {examples}{' …' if len(left_out) > 5 else ''}. Declare the model's "
+            "label_range to refuse such labels at ingest instead.",
+            data={
+                "n_labels": len(left_out),
+                "median": median,
+                "scale": scale,
+                "threshold": OUTLIER_SCALES,
+                "labels": shown,
+            },
+        )
+        return [row for row, bad in zip(rows, outlier, strict=True) if not bad], [warning]
 
     def predict(
         self,
@@ -271,6 +375,10 @@ class ClassificationKind(TabularKind):
         if len(set(data.y_train.tolist())) < 2:
             raise Conflict(f"model {model.name!r} needs labels of at least two classes to train")
 
+    def trivial_scores(self, data: TabularData) -> np.ndarray:
+        values, counts = np.unique(data.y_train.astype(str), return_counts=True)
+        return (data.y_val.astype(str) == values[np.argmax(counts)]).astype(np.float64)
+
     def learnable(self, estimator: Any, label: float | str) -> bool:
         # Only a refit can learn a class the version never saw.
         return label in {str(c) for c in estimator.classes_}
@@ -306,6 +414,12 @@ class ClassificationKind(TabularKind):
         return UserSummary(
             bias={name: float(value) for name, value in zip(classes, bias[0], strict=True)}
         )
+
+
+def per_person_mean(values: np.ndarray, persons: list[str]) -> float:
+    """Mean over persons of each person's mean of ``values (n,)``."""
+    _, index = np.unique(np.asarray(persons), return_inverse=True)
+    return float(np.mean(np.bincount(index, weights=values) / np.bincount(index)))
 
 
 def _row(estimator: Any, effects: np.ndarray | None) -> np.ndarray:
