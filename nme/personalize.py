@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 import re
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -190,7 +191,7 @@ class PersonalizedModule(nn.Module):
                 return False
             owners.add(owner)
         for owner in owners:
-            linears[owner].register_forward_hook(partial(self._linear_hook, owner))
+            linears[owner].register_forward_hook(_WeakLinearHook(self, owner))
         return True
 
     def _linear_hook(
@@ -319,3 +320,26 @@ class PersonalizedModule(nn.Module):
             g = per_sample(table[p], x[s : s + chunk])  # (b, dim)
             out.index_add_(0, p, g * g)
         return out
+
+
+class _WeakLinearHook:
+    """A forward hook that reaches its :class:`PersonalizedModule` through a weak reference.
+
+    The hooked ``nn.Linear`` lives inside the personalised module; a hook holding the module
+    itself (a bound method) would close a reference cycle, so a dropped model would wait for the
+    cyclic garbage collector — and never be freed once ``gc.freeze()`` moved it out of reach
+    (a serving process replacing its model would leak every old network).
+    """
+
+    def __init__(self, target: PersonalizedModule, owner: str) -> None:
+        self._target = weakref.ref(target)
+        self._owner = owner
+
+    def __call__(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        target = self._target()
+        if target is None:
+            return None
+        return target._linear_hook(self._owner, module, inputs, output)
+

@@ -7,6 +7,7 @@ Run it with ``nme-service serve`` or ``uvicorn --factory service.app:create_app`
 from __future__ import annotations
 
 import gc
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.api.deps import KeyCache
 from service.api.prometheus import MetricsMiddleware, ServiceMetrics
@@ -37,6 +40,8 @@ from service.errors import ServiceError
 from service.learning.serving import Predictor
 from service.migrate import head_revision
 
+log = logging.getLogger("service.api")
+
 DESCRIPTION = """Personalised predictions with Neural Mixed Effects (NME).
 
 Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`; keys carry the
@@ -52,7 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch_threads = torch.get_num_threads()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        engine = make_engine(settings.sqlalchemy_url)
+        engine = make_engine(
+            settings.sqlalchemy_url,
+            connect_timeout=settings.db_connect_timeout_seconds,
+            statement_timeout=settings.db_statement_timeout_seconds,
+        )
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
         app.state.predictor = Predictor(artifact_dir=settings.artifact_dir, device=settings.device)
@@ -84,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_exception_handler(ServiceError, _service_error)
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
     return app
 
@@ -91,6 +102,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail})
+
+
+DATABASE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
+"""What an unreachable, restarting or overloaded database raises (and statement timeouts)."""
+RETRY_AFTER_SECONDS = 5
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning(f"database unavailable: {type(exc).__name__}", extra={"action": "503"})
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "the database is unavailable; retry after a few seconds"},
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

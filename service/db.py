@@ -5,6 +5,7 @@ Called from the app lifespan, the CLI and tests; never at import time.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,24 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import normalize_database_url
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    connect_timeout: float | None = None,
+    statement_timeout: float | None = None,
+    **kwargs: Any,
+) -> Engine:
     """Create an engine for ``url`` with the per-dialect settings the service relies on.
 
     SQLite: the file's directory is created, foreign keys are enforced (SQLite ignores them by
     default, and ``ON DELETE CASCADE`` is how a user is forgotten), and WAL journaling lets
     readers (predictions) proceed while a writer (ingest, refit) holds the lock.
+
+    PostgreSQL: pooled connections are checked before use (a restarted or terminated server
+    costs one retry, not an error). ``connect_timeout`` (seconds) bounds connecting and waiting
+    for a pooled connection; ``statement_timeout`` (seconds, 0: none) makes the server cancel
+    longer statements. The API sets both, so an unreachable or locked database answers 503
+    instead of hanging requests.
     """
     url = normalize_database_url(url)
     parsed = make_url(url)
@@ -33,7 +46,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         )
         event.listen(engine, "connect", _configure_sqlite_connection)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    connect_args: dict[str, Any] = {}
+    if connect_timeout:
+        connect_args["connect_timeout"] = max(1, math.ceil(connect_timeout))
+        kwargs.setdefault("pool_timeout", connect_timeout)
+    if statement_timeout:
+        connect_args["options"] = f"-c statement_timeout={int(statement_timeout * 1000)}"
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:

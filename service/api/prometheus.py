@@ -4,9 +4,9 @@ Two sources:
 
 - this process's traffic, counted as it happens: requests and latency per route template,
   predictions served and how many were personalised;
-- the database, read at scrape time, so every API process reports the same numbers however many
-  workers there are: jobs per kind and status (queued/running = queue depth), finished jobs'
-  durations and outcomes, and the active version of each model.
+- the database, read at scrape time (aggregated in SQL), so every API process reports the same
+  numbers however many workers there are: jobs per kind and status (queued/running = queue
+  depth), finished jobs' durations and outcomes, and the active version of each model.
 
 Every app gets its own ``CollectorRegistry`` (tests build many apps in one process).
 """
@@ -122,23 +122,29 @@ class DatabaseCollector(Collector):
 
 
 def _durations(session: Session) -> Metric:
+    """Count and summed run time of finished jobs per kind and outcome, aggregated by the
+    database (a scrape never loads job rows into Python, however many there are)."""
     family = SummaryMetricFamily(
         "nme_job_duration_seconds",
         "Run time (last attempt's start to finish) of finished jobs by kind and outcome.",
         labels=["kind", "status"],
     )
+    if session.get_bind().dialect.name == "postgresql":
+        seconds = func.extract("epoch", Job.finished_at - Job.started_at)
+    else:  # SQLite stores timestamps as text; julianday() reads them
+        seconds = (func.julianday(Job.finished_at) - func.julianday(Job.started_at)) * 86_400.0
     rows = session.execute(
-        select(Job.kind, Job.status, Job.started_at, Job.finished_at).where(
-            Job.status.in_(("succeeded", "failed")), Job.started_at.is_not(None)
+        select(Job.kind, Job.status, func.count(), func.coalesce(func.sum(seconds), 0.0))
+        .where(
+            Job.status.in_(("succeeded", "failed")),
+            Job.started_at.is_not(None),
+            Job.finished_at.is_not(None),
         )
+        .group_by(Job.kind, Job.status)
+        .order_by(Job.kind, Job.status)
     )
-    totals: dict[tuple[str, str], list[float]] = {}
-    for kind, status, started, finished in rows:
-        entry = totals.setdefault((kind, status), [0, 0.0])
-        entry[0] += 1
-        entry[1] += max(0.0, (finished - started).total_seconds()) if finished else 0.0
-    for (kind, status), (count, total) in sorted(totals.items()):
-        family.add_metric([kind, status], count_value=count, sum_value=total)
+    for kind, status, count, total in rows:
+        family.add_metric([kind, status], count_value=count, sum_value=max(0.0, float(total)))
     return family
 
 

@@ -51,6 +51,10 @@ class RetryPolicy:
         return attempts < (max_attempts if max_attempts is not None else self.max_attempts)
 
 
+PRIORITIES: dict[str, int] = {"refit": 0, "user_update": 10}
+"""Lower runs first: a refit is never stuck behind thousands of queued user updates."""
+
+
 def coalesce_key(kind: JobKind, model_id: int, user_id: int | None = None) -> str:
     """The key that makes pending jobs of one kind unique per model (and user)."""
     return f"refit:{model_id}" if kind == "refit" else f"user_update:{model_id}:{user_id}"
@@ -64,6 +68,7 @@ def _job_row(
         "model_id": model_id,
         "user_id": user_id,
         "status": "queued",
+        "priority": PRIORITIES[kind],
         "attempts": 0,
         "max_attempts": max_attempts,
         "coalesce_key": coalesce_key(kind, model_id, user_id),
@@ -143,17 +148,27 @@ def enqueue_user_updates(
 
 
 def fetch_job(session: Session, *, kinds: Iterable[str] | None = None) -> Job | None:
-    """Claim the oldest due queued job in one statement, or None if there is none.
+    """Claim the most urgent due queued job in one statement, or None if there is none.
+
+    Order: priority (refits before user updates), then the oldest due. A job whose twin (same
+    coalesce key: the same model, or the same model and user) is running is skipped, so two
+    updates of one user never run at once — the queued one supersedes anything older and runs
+    after the running one finished.
 
     ``UPDATE … WHERE id = (SELECT id … FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING …``: concurrent
     workers on PostgreSQL skip each other's candidate rows instead of waiting on them, and no
     job is ever claimed twice. The caller commits right away (that publishes the claim).
     """
     now = utcnow()
-    candidate = select(Job.id).where(Job.status == "queued", Job.run_after <= now)
+    running = aliased(Job)
+    candidate = select(Job.id).where(
+        Job.status == "queued",
+        Job.run_after <= now,
+        ~exists().where(running.coalesce_key == Job.coalesce_key, running.status == "running"),
+    )
     if kinds is not None:
         candidate = candidate.where(Job.kind.in_(list(kinds)))
-    candidate = candidate.order_by(Job.run_after, Job.id).limit(1).with_for_update(
+    candidate = candidate.order_by(Job.priority, Job.run_after, Job.id).limit(1).with_for_update(
         skip_locked=True
     )
     statement = (

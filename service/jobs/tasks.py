@@ -78,9 +78,9 @@ def run_user_update(context: JobContext, claim: Claim) -> JobResult:
     fit = fit_user(
         context.session_factory, context.predictor, model_id=claim.model_id, user_id=claim.user_id
     )
-    result = JobResult(fit.outcome.as_dict(), fit.outcome.version)
     with context.session_factory() as session:
-        write_user_fit(session, fit)
+        outcome = write_user_fit(session, fit)
+        result = JobResult(outcome.as_dict(), outcome.version)
         _finish(session, claim, result)
         session.commit()
     return result

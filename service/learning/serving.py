@@ -4,7 +4,7 @@ one batched forward pass per request.
 
 from __future__ import annotations
 
-import gc
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session
 
+from service.errors import InvalidInput, invalid
 from service.learning.kinds import Estimator, kind_of
 from service.learning.kinds.base import Decoded, Prediction, UserSummary
+from service.learning.validation import MAX_REPORTED_ERRORS
 from service.storage import store
 from service.storage.artifacts import load_verified
 from service.storage.codec import decode_rows
@@ -72,8 +74,10 @@ class Predictor:
                     self._device,
                 )
                 entry = LoadedVersion(version.id, version.version, estimator)
+                # Replacing the entry drops the last reference to the old estimator; it has no
+                # reference cycles, so it is freed at once (no gc.freeze() here: frozen objects
+                # are never collected, and each replaced model would leak).
                 self._cache[version.model_id] = entry
-                gc.freeze()  # the estimator is long-lived: keep full collections short
             return entry
 
     def forget(self, model_id: int) -> None:
@@ -113,9 +117,30 @@ def predict_batch(
     over users."""
     effects, known = gather_effects(session, loaded=loaded, user_ids=user_ids)
     with loaded.lock:
-        return kind_of(model).predict(
+        predictions = kind_of(model).predict(
             model, loaded.estimator, x=x, effects=effects, known=known, user_ids=user_ids
         )
+    bad = [i for i, p in enumerate(predictions) if not _finite(p)]
+    if bad:
+        raise InvalidInput(
+            [
+                invalid(
+                    ["body", "items", i, "features"],
+                    "the model's prediction for these features is not finite (they lie far "
+                    "outside what it was trained on)",
+                    "finite",
+                )
+                for i in bad[:MAX_REPORTED_ERRORS]
+            ]
+        )
+    return predictions
+
+
+def _finite(prediction: Prediction) -> bool:
+    values = list((prediction.probabilities or {}).values())
+    if isinstance(prediction.prediction, float):
+        values.append(prediction.prediction)
+    return all(math.isfinite(v) for v in values)
 
 
 def decode_sequence(
@@ -126,6 +151,17 @@ def decode_sequence(
     effects, known = gather_effects(session, loaded=loaded, user_ids=[user_id])
     with loaded.lock:
         decoded = kind_of(model).decode(loaded.estimator, x=x, effects=effects, known=known)
+    if not (math.isfinite(decoded.score) and np.isfinite(decoded.marginals).all()):
+        raise InvalidInput(
+            [
+                invalid(
+                    ["body", "segments"],
+                    "the model's scores for these segments are not finite (their features lie "
+                    "far outside what it was trained on)",
+                    "finite",
+                )
+            ]
+        )
     return decoded, bool(known[0])
 
 

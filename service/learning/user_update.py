@@ -13,7 +13,8 @@ status). :func:`update_user` does both and commits.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,9 @@ class UserFit:
     version_id: int | None
     user_id: int
     theta: np.ndarray | None
+    read_updated_at: datetime | None = None
+    """The row's ``updated_at`` when the fit read it (None: no row): the write is a
+    compare-and-set against it."""
 
 
 def fit_user(
@@ -80,6 +84,7 @@ def fit_user(
         )
         current = store.get_person_param(session, version_id=version.id, user_id=user_id)
         init = None if current is None else decode_effects(current.effects)
+        read_updated_at = None if current is None else current.updated_at
         version_id, number = version.id, version.version
     if data.n == 0:
         outcome = UserUpdateOutcome(
@@ -92,22 +97,32 @@ def fit_user(
         number, data.n, time.perf_counter() - started,
         f"θⁱ of version {number} re-fitted on {data.n} labels",
     )
-    return UserFit(outcome, version_id, user_id, np.asarray(theta))
+    return UserFit(outcome, version_id, user_id, np.asarray(theta), read_updated_at)
 
 
-def write_user_fit(session: Session, fit: UserFit) -> None:
-    """Upsert the fitted row (with ``n_obs``); flushes, the caller commits. Nothing is written
-    for a skipped update, nor for a user forgotten while the fit ran."""
+def write_user_fit(session: Session, fit: UserFit) -> UserUpdateOutcome:
+    """Write the fitted row (with ``n_obs``) unless it went stale; flushes, the caller commits.
+
+    Nothing is written for a skipped update, for a user forgotten while the fit ran, or when
+    another update wrote the row since this fit read it (the newer θⁱ stays). Returns the
+    outcome to report.
+    """
     if fit.theta is None or fit.version_id is None:
-        return
+        return fit.outcome
     if store.get_user_by_id(session, user_id=fit.user_id) is None:
-        return  # forgotten while we fitted: no row must bring them back
-    store.upsert_person_param(
+        return fit.outcome  # forgotten while we fitted: no row must bring them back
+    written = store.replace_person_param(
         session,
         version_id=fit.version_id,
         user_id=fit.user_id,
         effects=encode_effects(fit.theta),
         n_obs=fit.outcome.n_labels,
+        expected_updated_at=fit.read_updated_at,
+    )
+    if written:
+        return fit.outcome
+    return replace(
+        fit.outcome, reason="not written: a newer update of this user's θⁱ finished first"
     )
 
 
@@ -121,6 +136,6 @@ def update_user(
     """Fit and write one user's θⁱ row, committing it."""
     fit = fit_user(session_factory, predictor, model_id=model_id, user_id=user_id)
     with session_factory() as session:
-        write_user_fit(session, fit)
+        outcome = write_user_fit(session, fit)
         session.commit()
-    return fit.outcome
+    return outcome

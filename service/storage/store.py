@@ -507,7 +507,7 @@ def get_person_param(session: Session, *, version_id: int, user_id: int) -> Pers
 def upsert_person_param(
     session: Session, *, version_id: int, user_id: int, effects: bytes, n_obs: int
 ) -> None:
-    """Insert or replace one user's θⁱ row in one version (the per-user update)."""
+    """Insert or replace one user's θⁱ row in one version, unconditionally."""
     statement = dialect_insert(session, PersonParam.__table__).values(
         version_id=version_id, user_id=user_id, effects=effects, n_obs=n_obs, updated_at=utcnow()
     )
@@ -521,6 +521,45 @@ def upsert_person_param(
     )
     session.execute(statement)
     session.flush()
+
+
+def replace_person_param(
+    session: Session,
+    *,
+    version_id: int,
+    user_id: int,
+    effects: bytes,
+    n_obs: int,
+    expected_updated_at: datetime | None,
+) -> bool:
+    """Write one user's θⁱ row only if it is still the row the fit started from.
+
+    ``expected_updated_at`` is the row's ``updated_at`` when the fit read it (None: there was
+    no row). If another update wrote the row meanwhile, nothing is written and False comes
+    back: an older fit never overwrites a newer θⁱ (compare-and-set).
+    """
+    now = utcnow()
+    if expected_updated_at is None:
+        statement = (
+            dialect_insert(session, PersonParam.__table__)
+            .values(version_id=version_id, user_id=user_id, effects=effects, n_obs=n_obs,
+                    updated_at=now)
+            .on_conflict_do_nothing(index_elements=["version_id", "user_id"])
+        )
+    else:
+        statement = (
+            update(PersonParam)
+            .where(
+                PersonParam.version_id == version_id,
+                PersonParam.user_id == user_id,
+                PersonParam.updated_at == expected_updated_at,
+            )
+            .values(effects=effects, n_obs=n_obs, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    written = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+    session.flush()
+    return written
 
 
 # ---------------------------------------------------------------------------------- learning

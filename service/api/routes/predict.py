@@ -15,12 +15,12 @@ from service.storage import store
 router = APIRouter(prefix="/v1/models", tags=["predict"])
 
 
-# ``async def`` on purpose: the work is ~1 ms of CPU (validation, two indexed reads that never
-# wait on locks — PostgreSQL MVCC, SQLite WAL readers — and one forward pass). Running it on the
-# event loop avoids the threadpool hand-off and GIL contention between request threads, which
-# measured +70 % requests/s (benchmarks/serve.py). Scale out with more worker processes.
+# A plain ``def``: the handler reads the database and may load an artifact from disk, and
+# either can wait (a lock held elsewhere, a slow disk, an outage until the connect timeout).
+# FastAPI runs it in its threadpool, so that wait never blocks the event loop (health checks
+# and other requests go on).
 @router.post("/{name}/predict", response_model=PredictionsPublic)
-async def predict(
+def predict(
     _key: PredictKey,
     name: str,
     body: PredictRequest,
