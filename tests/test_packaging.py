@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from service import migrate
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,5 +63,5 @@ def test_wheel_migrates_from_its_own_files(tmp_path: Path) -> None:
         [sys.executable, "-c", script, str(unpacked.resolve()), f"sqlite:///{database}"],
         check=True, capture_output=True, text=True, cwd=tmp_path,
     )
-    assert result.stdout.strip() == "0001"
+    assert result.stdout.strip() == migrate.head_revision()
     assert database.stat().st_size > 0

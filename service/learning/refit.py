@@ -17,6 +17,7 @@ callers without a job (the CLI, the demo).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.errors import NotFound
+from service.errors import Conflict, NotFound
 from service.learning.champion import Decision, decide, score_challenger, score_champion
 from service.learning.kinds import Estimator, TrainingData, kind_of
-from service.learning.kinds.base import Callback, temporal_split
+from service.learning.kinds.base import Callback, non_finite_parts, temporal_split
 from service.storage import store
 from service.storage.artifacts import ArtifactCorrupt, remove_artifact, write_artifact
 from service.storage.codec import encode_effects
@@ -83,6 +84,23 @@ def fit_estimator(
     return kind_of(model).fit(model, data, device=device, callback=callback)
 
 
+def check_finite(model: Model, estimator: Estimator, metrics: dict[str, Any]) -> None:
+    """A version whose statistics, weights or validation score are not finite is never
+    recorded (409: a retry on the same labels would fail the same way)."""
+    broken = non_finite_parts(estimator)
+    if broken:
+        raise Conflict(
+            f"the refit of model {model.name!r} produced non-finite values in "
+            f"{', '.join(broken[:5])}; no version was recorded (check the labels)"
+        )
+    score = metrics.get("val_score")
+    if score is not None and not math.isfinite(score):
+        raise Conflict(
+            f"the refit of model {model.name!r} scored a non-finite {metrics['score_name']} on "
+            "its validation labels; no version was recorded"
+        )
+
+
 def train_version(
     session_factory: sessionmaker[Session],
     *,
@@ -104,6 +122,7 @@ def train_version(
             raise NotFound(f"model {model_name!r} not found")
         data = kind_of(model).load_training_data(session, model=model)
     estimator, metrics = fit_estimator(model, data, device=device, callback=callback)
+    check_finite(model, estimator, metrics)
     decision = None
     if activate == "if_not_worse":
         decision = _champion_challenger(

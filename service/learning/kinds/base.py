@@ -325,12 +325,6 @@ class ModelKind(ABC):
             "best_epoch": int(estimator.best_epoch_),
             "fit_seconds": round(time.perf_counter() - started, 3),
         }
-        broken = non_finite_parts(estimator)
-        if broken:
-            raise Conflict(
-                f"the refit of model {model.name!r} produced non-finite values in "
-                f"{', '.join(broken[:5])}; no version was recorded (check the labels)"
-            )
         if data.persons_val:
             n_val = len(data.persons_val)
             metrics["val_score"] = self.score(estimator, data)
@@ -339,11 +333,6 @@ class ModelKind(ABC):
                 data,
                 effects=np.zeros((n_val, estimator.n_effects_), dtype=np.float32),
                 known=np.zeros(n_val, dtype=bool),
-            )
-        if metrics["val_score"] is not None and not math.isfinite(metrics["val_score"]):
-            raise Conflict(
-                f"the refit of model {model.name!r} scored a non-finite {self.score_name} on "
-                "its validation labels; no version was recorded"
             )
         return estimator, metrics
 

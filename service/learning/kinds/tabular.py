@@ -303,6 +303,14 @@ class RegressionKind(TabularKind):
         mse = np.bincount(index, weights=squared) / np.bincount(index)
         return -float(np.mean(np.sqrt(mse)))
 
+    def learnable(self, estimator: Any, label: float | str) -> bool:
+        """A per-user update leaves out a label the refit would have screened out: one further
+        than twice the outlier threshold from the version's training mean, in its training SDs
+        (the training labels were screened, so their SD is an honest scale)."""
+        scaler = estimator.y_scaler_
+        mean, std = float(scaler.mean), float(scaler.std)
+        return abs(float(label) - mean) <= 2 * OUTLIER_SCALES * std
+
     def screen_labels(
         self, model: Model, rows: list[Any]
     ) -> tuple[list[Any], list[TrainingWarning]]:
