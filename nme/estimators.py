@@ -8,37 +8,23 @@ Unknown persons (not seen in training) get θⁱ = 0, the generic model.
 
 ``anneal`` defaults to 0.8 (Σ ← max(0.8·Σ_old, var)): one epoch of Adam from θⁱ = 0 moves the
 rows only a little, so the plain M-step would measure a tiny spread after the first epoch and
-lock θⁱ near zero for good; annealing lets Σ shrink no faster than 20 % per epoch. DESIGN.md
-suggests α ∈ [0.9, 1); with early stopping on validation, 0.9 kept Σ large for so long that
-training often stopped while θⁱ still overfit (README, "Choosing anneal"), so the default is
-0.8. Pass ``anneal=None`` for the plain EM update.
+lock θⁱ near zero for good; annealing lets Σ shrink no faster than 20 % per epoch. Pass
+``anneal=None`` for the plain EM update.
 
 ``m_step`` (see :func:`nme.objective.laplace_posterior`): ``"paper"`` is the paper's M-step,
 σ² = mean training loss and Σ = variance of the θⁱ modes across persons; ``"laplace"`` adds
 each person's diagonal Laplace posterior variance of θⁱ — for regression with the exact
 Gauss–Newton curvature (the EM of a linear mixed model: it lands on the REML estimates of
 sleepstudy and Orthodont), for classification with the empirical Fisher of the cross-entropy.
+The defaults are ``"paper"`` for regression and ``"laplace"`` for classification, where the
+paper's M-step collapses Σ to 0 once training runs long. The Laplace step costs one extra
+forward and backward pass over the training set per epoch.
 
-Defaults, measured on simulated mood data with person effects (80 persons, 30 training days,
-``hidden=(32, 32)``, ``placement="last"``; seeds 1/2/3; per-person test scores):
+Why 0.8 and these M-step defaults: the measurements are in ``docs/decisions.md``.
 
-* classification (3 mood classes), ``m_step="laplace"``: the paper's M-step shrinks Σ every epoch
-  (one epoch of Adam never moves θⁱ far enough for their variance to keep up with Σ, so
-  annealing's 0.8ᵏ is the only floor) and collapses it to 0; it only personalises because
-  early stopping ends training first. With early stopping the two are level (accuracy 0.681 /
-  0.744 / 0.776 paper vs 0.680 / 0.738 / 0.775 laplace; generic 0.449 / 0.436 / 0.454);
-  training 60 epochs without early stopping the paper's model falls back to generic
-  (0.434 / 0.455 / 0.468) while laplace keeps 0.668 / 0.745 / 0.726.
-* regression, ``m_step="paper"``: the Gauss–Newton Laplace step is the exact EM in the linear
-  case, but on the nonlinear benchmark it did not help (per-person RMSE with early stopping
-  4.38 / 4.18 / 4.12 paper vs 4.40 / 4.26 / 4.24 laplace; with 5 training days per person
-  4.47 / 4.63 / 5.16 vs 4.67 / 4.93 / 5.03; without early stopping 5.08 / 4.32 / 4.30 vs
-  4.69 / 4.14 / 4.38), so the paper's rule stays the default; use ``"laplace"`` for
-  (near-)linear models and few observations per person.
-
-The Laplace step costs one extra forward and backward pass over the training set per epoch. Under
-``method="specific"`` there is no generic part on the placed parameters, so unknown persons get
-the mean θⁱ of the training persons instead (the closest thing to a generic model it has).
+Under ``method="specific"`` there is no generic part on the placed parameters, so unknown
+persons get the mean θⁱ of the training persons instead (the closest thing to a generic model
+it has).
 """
 
 from __future__ import annotations

@@ -185,46 +185,14 @@ class NMESequenceTagger(_NMEEstimator):
     ``m_step="paper"``). The paper sets σ² to the mean training loss, for the CRF a
     per-sequence NLL of 10–27, which divides the data term by that much: θⁱ barely move from 0,
     their variance across persons is tiny, and Σ (the variance of the modes) shrinks every
-    epoch as fast as annealing allows — to 0.001 after 40 epochs, where the model is the generic
-    CRF again. NME-CRF then beats the generic CRF only because early stopping ends training
-    first. ``m_step="laplace"`` adds each person's posterior variance of θⁱ (empirical Fisher
-    of the sequence NLLs) to Σ, which stops the collapse. ``sigma2="nll"`` (an option, not the
-    paper) fixes σ² = ½ so that Eq. 1 is twice the negative log posterior of the mixed CRF and
-    each sequence counts with its full likelihood weight.
-
-    Measured on ``simulate_sequences(n_persons=24, n_sequences=40, length=12,
-    person_noise=0.7)``, 9 training / 3 validation sequences per person, linear emissions,
-    ``placement="last+T"``, ``lr=0.1``, ``batch_size=16``; seeds 1 / 2 / 3. Δacc and Δα: gain
-    in per-person accuracy and Krippendorff's α over the generic CRF; r: correlation of the
-    learned with the true transition matrices (deviations from the mean); Σ: mean Σ of Tⁱ (true
-    spread of the centred log transition probabilities 0.50 / 0.50 / 0.58); t: Welch t of the
-    depressed-vs-control contrast of the learned matrices.
-
-    ======================  =======  ===================  ===================  ===================
-    regime                  metric   paper                laplace (default)    laplace + nll
-    ======================  =======  ===================  ===================  ===================
-    10 epochs, best on val  Δacc     +.021 +.023 +.023    +.024 +.018 +.031    +.022 +.021 +.015
-    (the tests' setting)    Δα       +.010 +.014 +.008    +.023 +.013 +.031    −.008 −.005 −.022
-                            r        .62 .65 .51          .68 .67 .55          .68 .68 .57
-                            t        4.0 7.3 3.8          3.7 4.4 3.9          2.4 1.8 1.7
-    40 epochs, patience 5   Δacc     +.021 +.023 +.023    +.021 +.018 +.024    +.028 +.024 +.030
-                            Δα       +.010 +.014 +.008    +.016 +.013 +.025    +.001 +.009 +.000
-                            r        .62 .65 .51          .71 .67 .67          .72 .67 .57
-    40 epochs, no val       Δacc     +.015 −.006 +.000    +.032 +.001 +.009    +.059 +.018 +.024
-                            Δα       +.031 −.010 −.003    +.051 −.005 +.005    +.054 −.009 −.013
-                            r        −.07 .21 .07         .49 .48 .55          .72 .67 .54
-                            Σ        .001 .001 .001       .20 .21 .20          .38 .43 .71
-    ======================  =======  ===================  ===================  ===================
-
-    The Laplace step is the default: with early stopping it matches the paper's accuracy and
-    is better on α and r, and without it Σ no longer collapses. It does not make the result
-    independent of when training stops: with the paper's σ² the down-weighted data move θⁱ
-    little (mean |Tⁱ| 0.02–0.04) and Σ still drifts down slowly (0.8 → 0.2 over 40 epochs).
-    ``sigma2="nll"`` does: Σ settles near the true spread and accuracy and r are the best of
-    the three once training runs long; but the less-shrunk person parameters (here the whole
-    linear emission layer per person, from 9 sequences) cost chance-corrected agreement α and
-    weaken the group contrast, so it is an option, not the default. The Laplace step costs one
-    extra forward/backward pass over the training sequences per epoch.
+    epoch as fast as annealing allows until the model is the generic CRF again.
+    ``m_step="laplace"`` adds each person's posterior variance of θⁱ (empirical Fisher of the
+    sequence NLLs) to Σ, which stops the collapse; it costs one extra forward/backward pass over
+    the training sequences per epoch. ``sigma2="nll"`` (an option, not the paper) fixes σ² = ½
+    so that Eq. 1 is twice the negative log posterior of the mixed CRF and each sequence counts
+    with its full likelihood weight; it recovers the transition matrices best once training runs
+    long, but costs chance-corrected agreement, so it is not the default. The measurements
+    behind these defaults are in ``docs/decisions.md``.
     """
 
     _param_names: ClassVar[tuple[str, ...]] = (
