@@ -6,6 +6,12 @@ so is y (predictions come back on the original scale).
 
 Unknown persons (not seen in training) get θⁱ = 0, the generic model.
 
+``_NMEEstimator`` is the base of every estimator, :class:`nme.sequence.NMESequenceTagger`
+included: it owns the one fit skeleton (device, seeding, building the network, the loss and
+validation closures for :func:`~nme.train.fit_loop`, the fallback row), the per-person E-step
+behind ``fit_person`` and the artifacts. A subclass says how its inputs become training items and
+how items are scored; ``_TabularEstimator`` does that for tables, one item per row.
+
 ``anneal`` defaults to 0.8 (Σ ← max(0.8·Σ_old, var)): one epoch of Adam from θⁱ = 0 moves the
 rows only a little, so the plain M-step would measure a tiny spread after the first epoch and
 lock θⁱ near zero for good; annealing lets Σ shrink no faster than 20 % per epoch. Pass
@@ -29,9 +35,12 @@ it has).
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -41,7 +50,8 @@ from nme.artifact import ArtifactError, read_artifact, write_artifact
 from nme.data import ArrayLike, PersonIndex, Standardizer, as_id_list, feature_matrix
 from nme.mlp import MLP
 from nme.personalize import METHODS, EffectsLayout, PersonalizedModule
-from nme.train import TrainConfig, fit_loop
+from nme.persons import Gathered
+from nme.train import SquaredGrads, TrainConfig, fit_loop
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -51,8 +61,35 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-class _NMEEstimator:
-    """Shared machinery; subclasses define the target encoding, the loss and the outputs."""
+@dataclass(frozen=True)
+class _Items:
+    """Training or validation items on the estimator's device: what the loss hooks read.
+
+    An item is one row of a table (regression, classification) or one whole sequence (the
+    tagger); it is the unit :func:`nme.train.fit_loop` batches and counts in nᵢ.
+
+    Attributes:
+        x: normalised inputs, ``(n, F)`` rows or ``(n, L, F)`` padded sequences.
+        y: encoded targets, ``(n,)`` (regression values or class indices) or ``(n, L)`` state
+            indices (0 at padding).
+        ids: the person id of each item, length n.
+        mask: ``(n, L) bool`` True at the real segments of padded sequences; None for rows.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: list[Hashable]
+    mask: torch.Tensor | None = None
+
+
+class _NMEEstimator(abc.ABC):
+    """Shared machinery of every NME estimator: parameters, the one fit skeleton, fallback and
+    person effects, the per-person E-step and artifacts.
+
+    A subclass supplies its network (:meth:`_build`, :meth:`_n_outputs`), turns its inputs into
+    :class:`_Items` (the callables it passes to :meth:`_fit`) and scores items
+    (:meth:`_train_losses`, :meth:`_val_scores`); its public ``fit`` is a thin wrapper.
+    """
 
     _registry: ClassVar[dict[str, type[_NMEEstimator]]] = {}
     _param_names: ClassVar[tuple[str, ...]] = (
@@ -76,7 +113,9 @@ class _NMEEstimator:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _NMEEstimator._registry[cls.__name__] = cls
+        # private intermediate bases (``_TabularEstimator``) are abstract: no artifact names them
+        if not cls.__name__.startswith("_"):
+            _NMEEstimator._registry[cls.__name__] = cls
 
     def __init__(
         self,
@@ -123,27 +162,69 @@ class _NMEEstimator:
         self.verbose = verbose
 
     # ----------------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
     def _n_outputs(self) -> int:
-        raise NotImplementedError
+        """Outputs of the network per row or segment: 1, the classes or the states."""
 
-    def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _build(self, n_features: int, n_persons: int) -> PersonalizedModule:
+        """The untrained personalised network for ``n_features`` inputs and ``n_persons`` rows."""
 
-    def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``out: (b, outputs)``, ``y: (b,)`` -> ``(b,)`` downstream loss."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _train_losses(
+        self,
+        items: _Items,
+        persons: torch.Tensor,
+        idx: torch.Tensor,
+        effects: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | Gathered]:
+        """The downstream loss of training items, in the module's current mode.
 
-    def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
-        raise NotImplementedError
+        Args:
+            items: all training items.
+            persons: ``(n,) long`` every item's row in the person table.
+            idx: ``(b,) long`` the items of this batch.
+            effects: ``(b, d)`` θⁱ rows to use instead of the table's, or None.
+
+        Returns:
+            ``(losses (b,), rows)``: see :data:`nme.train.ItemLoss`.
+        """
+
+    @abc.abstractmethod
+    def _val_scores(self, items: _Items, rows: torch.Tensor) -> dict[str, float]:
+        """``{"val_loss", "val_metric"}`` of validation items with θⁱ rows ``(n, d)``."""
+
+    def _squared_grads(self, items: _Items, persons: torch.Tensor) -> SquaredGrads | None:
+        """The exact Laplace curvature if the loss has one (see :data:`nme.train.SquaredGrads`);
+        None lets the fit loop use the empirical Fisher."""
+        return None
+
+    def _train_config(self) -> TrainConfig:
+        """The fit loop's hyper-parameters from the estimator's."""
+        return TrainConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            anneal=self.anneal,
+            seed=self.random_state,
+            verbose=self.verbose,
+            m_step=self.m_step,
+            batching=self.batching,
+        )
 
     def _extra_config(self) -> dict:
+        """JSON-able ``config.json`` entries a subclass adds to the artifact."""
         return {}
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors a subclass adds to the artifact's weights."""
         return {}
 
     def _restore_extra(self, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+        """Restore what :meth:`_extra_config` and :meth:`_extra_tensors` saved (nothing here)."""
+        return None
 
     # ----------------------------------------------------------------- parameters
     def get_params(self) -> dict[str, Any]:
@@ -159,102 +240,49 @@ class _NMEEstimator:
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
 
     # ----------------------------------------------------------------- fitting
-    def _build(self, n_features: int, n_persons: int) -> PersonalizedModule:
-        base = MLP(n_features, self.hidden, self._n_outputs(), self.activation, self.dropout)
-        return PersonalizedModule(base, self.placement, n_persons, self.method)
-
-    def fit(
+    def _fit(
         self,
-        X: ArrayLike,
-        y: ArrayLike,
-        persons: Sequence[Hashable] | np.ndarray,
-        X_val: ArrayLike | None = None,
-        y_val: ArrayLike | None = None,
-        persons_val: Sequence[Hashable] | np.ndarray | None = None,
-        callback: Callable[[dict], None] | None = None,
-    ) -> _NMEEstimator:
-        """Fit on ``X: (n, F)``, ``y: (n,)``, ``persons: (n,)`` hashable ids.
+        training: Callable[[], _Items],
+        validation: Callable[[], _Items] | None,
+        callback: Callable[[dict], None] | None,
+    ) -> Self:
+        """The fit skeleton every estimator's ``fit`` runs.
 
-        With a validation set, training stops after ``patience`` epochs without improvement of
-        the validation loss and keeps the best epoch. ``callback(record)`` receives each
-        epoch's history record.
+        ``training()`` checks the training input, fits what is learned from it before training
+        (feature names and scaler, target encoding or states) and returns the items;
+        ``validation()`` returns the held-out items. They are callables so that the skeleton
+        decides when they run: ``training`` once the device is known (its tensors go there),
+        ``validation`` once the network is built (it is checked against the fitted model).
         """
-        x, names = feature_matrix(X)
-        ids = as_id_list(persons)
-        if any(p is None or (isinstance(p, float) and p != p) for p in ids):
-            raise ValueError("persons contains missing ids (None/NaN)")
-        if len(ids) != x.shape[0]:
-            raise ValueError(f"persons has {len(ids)} entries, X has {x.shape[0]} rows")
-        if x.shape[0] == 0:
-            raise ValueError("cannot fit on an empty training set")
         self.device_ = resolve_device(self.device)
-        self.feature_names_ = names or [f"x{k}" for k in range(x.shape[1])]
-        self._names_from_frame = names is not None
-        self.x_scaler_ = Standardizer.fit(x)
-        y_t = self._encode_target(y, fitting=True)
-        if y_t.shape[0] != x.shape[0]:
-            raise ValueError(f"y has {y_t.shape[0]} entries, X has {x.shape[0]} rows")
-        self.persons_ = PersonIndex(ids)
+        items = training()
+        self.persons_ = PersonIndex(items.ids)
         if self.random_state is not None:
             torch.manual_seed(self.random_state)
-        self.module_ = self._build(x.shape[1], len(self.persons_)).to(self.device_)
-
-        dev = self.device_
-        xt = torch.from_numpy(self.x_scaler_.transform(x)).to(dev)
-        yt = y_t.to(dev)
-        pt = torch.from_numpy(self.persons_.encode(ids)).to(dev)
-        module = self.module_
+        self.module_ = self._build(items.x.shape[-1], len(self.persons_)).to(self.device_)
+        persons = torch.from_numpy(self.persons_.encode(items.ids)).to(self.device_)  # (n,)
 
         def item_loss(
             idx: torch.Tensor, effects: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            if effects is not None:
-                out, rows = module(xt[idx], effects=effects)
-            else:
-                out, rows = module(xt[idx], pt[idx], gathered=True)
-            return self._item_losses(out, yt[idx]), rows
+        ) -> tuple[torch.Tensor, torch.Tensor | Gathered]:
+            return self._train_losses(items, persons, idx, effects)
 
         validate = None
-        if X_val is not None:
-            if y_val is None or persons_val is None:
-                raise ValueError("X_val needs y_val and persons_val")
-            xv = self._input(X_val, "X_val")
-            yv = self._encode_target(y_val, fitting=False, name="y_val").to(dev)
-            ids_v = as_id_list(persons_val)
+        if validation is not None:
+            held_out = validation()
 
             def validate() -> dict[str, float]:
                 self._set_fallback()  # the table moved during the epoch
-                out = self._forward(xv, self._rows_for(ids_v))
-                return {
-                    "val_loss": float(self._item_losses(out, yv).mean()),
-                    "val_metric": self._val_metric(out, yv),
-                }
+                return self._val_scores(held_out, self._rows_for(held_out.ids))
 
-        config = TrainConfig(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            anneal=self.anneal,
-            seed=self.random_state,
-            verbose=self.verbose,
-            m_step=self.m_step,
-            batching=self.batching,
+        result = fit_loop(
+            self.module_, persons, item_loss, self._train_config(), validate, callback,
+            self._squared_grads(items, persons),
         )
-        squared_grads = None
-        if self.m_step == "laplace" and isinstance(self, NMERegressor):
-            # squared error: the exact Gauss–Newton curvature (REML in the linear case); the
-            # classifier's cross-entropy uses fit_loop's empirical Fisher
-
-            def squared_grads() -> torch.Tensor:
-                return module.squared_output_grads(xt, pt)
-
-        result = fit_loop(module, pt, item_loss, config, validate, callback, squared_grads)
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.sigma2_ = result.sigma2
-        self._Sigma_flat = result.Sigma.detach().to(dev)
+        self._Sigma_flat = result.Sigma.detach().to(self.device_)
         self._set_fallback()
         return self
 
@@ -266,16 +294,7 @@ class _NMEEstimator:
         else:
             self.fallback_effect_ = torch.zeros(table.shape[1], device=table.device)
 
-    # ----------------------------------------------------------------- inference
-    def _input(self, X: ArrayLike, name: str = "X") -> torch.Tensor:
-        self._check_fitted()
-        expected = self.feature_names_ if self._names_from_frame else None
-        x, _ = feature_matrix(X, expected=expected, name=name)
-        if x.shape[1] != len(self.feature_names_):
-            raise ValueError(f"{name} has {x.shape[1]} features, the model expects "
-                             f"{len(self.feature_names_)}")
-        return torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
-
+    # ----------------------------------------------------------------- θⁱ rows
     def _rows_for(self, ids: list) -> torch.Tensor:
         """θⁱ rows ``(n, dim)`` for person ids; unknown persons get the fallback row."""
         idx = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
@@ -285,20 +304,9 @@ class _NMEEstimator:
         rows = table[idx.clamp(min=0)]
         return torch.where((idx >= 0).unsqueeze(-1), rows, self.fallback_effect_)
 
-    @torch.inference_mode()
-    def _forward(self, x: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """``x: (n, F)`` normalised, ``rows: (n, dim)`` -> ``(n, outputs)`` raw outputs."""
-        if self.module_.training:
-            self.module_.eval()
-        if x.shape[0] == 0:
-            return torch.zeros(0, self._n_outputs(), device=self.device_)
-        outs = [
-            self.module_(x[s : s + chunk], effects=rows[s : s + chunk])[0]
-            for s in range(0, x.shape[0], chunk)
-        ]
-        return torch.cat(outs)
-
     def _effects_tensor(self, effects: np.ndarray, known: np.ndarray | None) -> torch.Tensor:
+        """``effects: (n, d)`` θⁱ rows as a tensor; rows where ``known: (n,) bool`` is False
+        get the fallback row."""
         e = torch.as_tensor(np.asarray(effects, dtype=np.float32), device=self.device_)
         if e.ndim != 2 or e.shape[1] != self.n_effects_:
             raise ValueError(
@@ -308,24 +316,6 @@ class _NMEEstimator:
             return e
         k = torch.as_tensor(np.asarray(known, dtype=bool), device=self.device_)
         return torch.where(k.unsqueeze(-1), e, self.fallback_effect_)
-
-    def _raw(
-        self,
-        X: ArrayLike,
-        persons: Sequence[Hashable] | None = None,
-        effects: np.ndarray | None = None,
-        known: np.ndarray | None = None,
-    ) -> torch.Tensor:
-        x = self._input(X)
-        if effects is not None:
-            rows = self._effects_tensor(effects, known)
-        elif persons is not None:
-            rows = self._rows_for(as_id_list(persons))
-        else:
-            rows = self.fallback_effect_.expand(x.shape[0], -1)
-        if rows.shape[0] != x.shape[0]:
-            raise ValueError(f"got {rows.shape[0]} persons/effects for {x.shape[0]} rows of X")
-        return self._forward(x, rows)
 
     # ----------------------------------------------------------------- person effects
     @property
@@ -368,29 +358,26 @@ class _NMEEstimator:
         return {k: v.cpu().clone() for k, v in self.effects_layout_.split(row).items()}
 
     # ----------------------------------------------------------------- per-person E-step
-    def fit_person(
+    def _fit_person(
         self,
-        X: ArrayLike,
-        y: ArrayLike,
-        init: np.ndarray | None = None,
-        max_iter: int = 100,
+        person_losses: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None,
+        init: np.ndarray | None,
+        max_iter: int,
     ) -> np.ndarray:
-        """E-step for one person: θ̄, σ², Σ fixed, only this person's θⁱ optimised.
+        """The E-step behind every ``fit_person``: θ̄, σ², Σ fixed, one person's θⁱ optimised.
 
-        Minimises (1/σ²) Σⱼ l(yⱼ, f(Xⱼ; θ̄ + θ)) + θᵀΣ⁻¹θ (the person's part of Eq. 1; no
-        penalty for ``unme``/``specific``) with L-BFGS, starting from ``init`` (their current
-        row) or the fallback row.
+        Minimises (1/σ²) Σⱼ lⱼ(θ̄ + θ) + θᵀΣ⁻¹θ (the person's part of Eq. 1; no penalty and
+        σ² = 1 for ``unme``/``specific``) with L-BFGS, starting from ``init`` or the fallback.
 
         Args:
-            X: ``(n, F)`` all of the person's labelled observations; ``y: (n,)``.
-            init: ``(d,)`` float32 starting θⁱ.
+            person_losses: the base module's parameters (θ̄, plus θ on the placed ones) ->
+                ``(n,)`` the person's item losses; None when the person has no labelled items.
+            init: ``(d,)`` starting θⁱ.
 
         Returns:
-            ``(d,) float32`` the person's new θⁱ.
+            ``(d,) float32`` the person's new θⁱ (``init``, or zeros, if there is nothing to fit).
         """
-        x = self._input(X)
-        yt = self._encode_target(y, fitting=False).to(self.device_)
-        if x.shape[0] == 0 or self.n_effects_ == 0:
+        if person_losses is None or self.n_effects_ == 0:
             return (np.zeros(self.n_effects_, np.float32) if init is None
                     else np.asarray(init, np.float32))
         start = self.fallback_effect_ if init is None else self._effects_tensor(
@@ -400,7 +387,7 @@ class _NMEEstimator:
         sigma2 = self.sigma2_ if self.method == "nme" else 1.0
         module = self.module_
         module.eval()
-        base = dict(module.base.named_parameters())
+        base = {n: p.detach() for n, p in module.base.named_parameters()}
         layout = module.layout
         opt = torch.optim.LBFGS(
             [theta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
@@ -409,10 +396,11 @@ class _NMEEstimator:
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            # One person: the same parameters for every row, so no per-sample vmap is needed.
-            params = {n: base[n].detach() + d for n, d in layout.split(theta).items()}
-            out = torch.func.functional_call(module.base, params, (x,))
-            loss = self._item_losses(out, yt).sum() / sigma2
+            # One person: the same parameters for every item, so no per-sample vmap is needed.
+            params = dict(base)
+            for n, d in layout.split(theta).items():
+                params[n] = base[n] + d
+            loss = person_losses(params).sum() / sigma2
             if sigma_inv is not None:
                 loss = loss + (theta * theta * sigma_inv).sum()
             loss.backward()
@@ -420,18 +408,6 @@ class _NMEEstimator:
 
         opt.step(closure)
         return theta.detach().cpu().numpy().astype(np.float32)
-
-    # ----------------------------------------------------------------- scoring
-    def score_per_person(
-        self,
-        X: ArrayLike,
-        y: ArrayLike,
-        persons: Sequence[Hashable],
-        effects: np.ndarray | None = None,
-        known: np.ndarray | None = None,
-    ) -> float:
-        """Per-person averaged score, higher is better (see the subclass)."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------- artifacts
     def save(self, path: str | os.PathLike, include_effects: bool = True) -> None:
@@ -545,7 +521,222 @@ def load_estimator(path: str | os.PathLike, device: str | None = None) -> _NMEEs
     return est
 
 
-class NMERegressor(_NMEEstimator):
+
+class _TabularEstimator(_NMEEstimator):
+    """Estimators on a table: one item per row, an :class:`~nme.mlp.MLP` over its features.
+
+    Subclasses define the target encoding, the per-row loss, the validation metric and the
+    outputs.
+    """
+
+    # ----------------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
+    def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
+        """``y: (n,)`` labels -> ``(n,)`` what :meth:`_item_losses` takes; ``fitting`` learns
+        the encoding (scaler, classes) first."""
+
+    @abc.abstractmethod
+    def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``out: (b, outputs)``, ``y: (b,)`` -> ``(b,)`` downstream loss."""
+
+    @abc.abstractmethod
+    def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
+        """The reported validation metric of outputs ``(n, outputs)`` for targets ``(n,)``."""
+
+    @abc.abstractmethod
+    def score_per_person(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable],
+        effects: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> float:
+        """Per-person averaged score, higher is better (see the subclass)."""
+
+    # ----------------------------------------------------------------- fitting
+    def _build(self, n_features: int, n_persons: int) -> PersonalizedModule:
+        base = MLP(n_features, self.hidden, self._n_outputs(), self.activation, self.dropout)
+        return PersonalizedModule(base, self.placement, n_persons, self.method)
+
+    def fit(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable] | np.ndarray,
+        X_val: ArrayLike | None = None,
+        y_val: ArrayLike | None = None,
+        persons_val: Sequence[Hashable] | np.ndarray | None = None,
+        callback: Callable[[dict], None] | None = None,
+    ) -> Self:
+        """Fit on ``X: (n, F)``, ``y: (n,)``, ``persons: (n,)`` hashable ids.
+
+        With a validation set, training stops after ``patience`` epochs without improvement of
+        the validation loss and keeps the best epoch. ``callback(record)`` receives each
+        epoch's history record.
+        """
+        validation = None
+        if X_val is not None:
+            validation = partial(self._validation_rows, X_val, y_val, persons_val)
+        return self._fit(partial(self._training_rows, X, y, persons), validation, callback)
+
+    def _training_rows(
+        self, X: ArrayLike, y: ArrayLike, persons: Sequence[Hashable] | np.ndarray
+    ) -> _Items:
+        """Check the training table, learn the feature names, scaler and target encoding."""
+        x, names = feature_matrix(X)
+        ids = as_id_list(persons)
+        if any(p is None or (isinstance(p, float) and p != p) for p in ids):
+            raise ValueError("persons contains missing ids (None/NaN)")
+        if len(ids) != x.shape[0]:
+            raise ValueError(f"persons has {len(ids)} entries, X has {x.shape[0]} rows")
+        if x.shape[0] == 0:
+            raise ValueError("cannot fit on an empty training set")
+        self.feature_names_ = names or [f"x{k}" for k in range(x.shape[1])]
+        self._names_from_frame = names is not None
+        self.x_scaler_ = Standardizer.fit(x)
+        y_t = self._encode_target(y, fitting=True)
+        if y_t.shape[0] != x.shape[0]:
+            raise ValueError(f"y has {y_t.shape[0]} entries, X has {x.shape[0]} rows")
+        xt = torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
+        return _Items(x=xt, y=y_t.to(self.device_), ids=ids)
+
+    def _validation_rows(
+        self,
+        X_val: ArrayLike,
+        y_val: ArrayLike | None,
+        persons_val: Sequence[Hashable] | np.ndarray | None,
+    ) -> _Items:
+        if y_val is None or persons_val is None:
+            raise ValueError("X_val needs y_val and persons_val")
+        x = self._input(X_val, "X_val")
+        y = self._encode_target(y_val, fitting=False, name="y_val").to(self.device_)
+        return _Items(x=x, y=y, ids=as_id_list(persons_val))
+
+    def _train_losses(
+        self,
+        items: _Items,
+        persons: torch.Tensor,
+        idx: torch.Tensor,
+        effects: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | Gathered]:
+        if effects is not None:
+            out, rows = self.module_(items.x[idx], effects=effects)
+        else:
+            out, rows = self.module_(items.x[idx], persons[idx], gathered=True)
+        return self._item_losses(out, items.y[idx]), rows
+
+    def _val_scores(self, items: _Items, rows: torch.Tensor) -> dict[str, float]:
+        out = self._forward(items.x, rows)
+        return {
+            "val_loss": float(self._item_losses(out, items.y).mean()),
+            "val_metric": self._val_metric(out, items.y),
+        }
+
+    # ----------------------------------------------------------------- inference
+    def _input(self, X: ArrayLike, name: str = "X") -> torch.Tensor:
+        """``X: (n, F)`` checked against the fitted features -> ``(n, F)`` normalised."""
+        self._check_fitted()
+        expected = self.feature_names_ if self._names_from_frame else None
+        x, _ = feature_matrix(X, expected=expected, name=name)
+        if x.shape[1] != len(self.feature_names_):
+            raise ValueError(f"{name} has {x.shape[1]} features, the model expects "
+                             f"{len(self.feature_names_)}")
+        return torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """``x: (n, F)`` normalised, ``rows: (n, dim)`` -> ``(n, outputs)`` raw outputs."""
+        if self.module_.training:
+            self.module_.eval()
+        if x.shape[0] == 0:
+            return torch.zeros(0, self._n_outputs(), device=self.device_)
+        outs = [
+            self.module_(x[s : s + chunk], effects=rows[s : s + chunk])[0]
+            for s in range(0, x.shape[0], chunk)
+        ]
+        return torch.cat(outs)
+
+    def _raw(
+        self,
+        X: ArrayLike,
+        persons: Sequence[Hashable] | None = None,
+        effects: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        x = self._input(X)
+        if effects is not None:
+            rows = self._effects_tensor(effects, known)
+        elif persons is not None:
+            rows = self._rows_for(as_id_list(persons))
+        else:
+            rows = self.fallback_effect_.expand(x.shape[0], -1)
+        if rows.shape[0] != x.shape[0]:
+            raise ValueError(f"got {rows.shape[0]} persons/effects for {x.shape[0]} rows of X")
+        return self._forward(x, rows)
+
+    # ----------------------------------------------------------------- per-person E-step
+    def fit_person(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        init: np.ndarray | None = None,
+        max_iter: int = 100,
+    ) -> np.ndarray:
+        """E-step for one person: θ̄, σ², Σ fixed, only this person's θⁱ optimised.
+
+        Minimises (1/σ²) Σⱼ l(yⱼ, f(Xⱼ; θ̄ + θ)) + θᵀΣ⁻¹θ (the person's part of Eq. 1; no
+        penalty for ``unme``/``specific``) with L-BFGS, starting from ``init`` (their current
+        row) or the fallback row.
+
+        Args:
+            X: ``(n, F)`` all of the person's labelled observations; ``y: (n,)``.
+            init: ``(d,)`` float32 starting θⁱ.
+
+        Returns:
+            ``(d,) float32`` the person's new θⁱ.
+        """
+        x = self._input(X)
+        yt = self._encode_target(y, fitting=False).to(self.device_)
+        base = self.module_.base
+
+        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._item_losses(torch.func.functional_call(base, params, (x,)), yt)
+
+        return self._fit_person(losses if x.shape[0] else None, init, max_iter)
+
+    # ----------------------------------------------------------------- scoring
+    def _predict_rows(
+        self,
+        X: ArrayLike,
+        persons: Sequence[Hashable],
+        effects: np.ndarray | None,
+        known: np.ndarray | None,
+    ) -> np.ndarray:
+        """``(n,)`` predictions with explicit θⁱ rows if given, else the persons' own."""
+        if effects is not None:
+            return self.predict_with_effects(X, effects, known)
+        return self.predict(X, persons)
+
+    @abc.abstractmethod
+    def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
+        """``X: (n, F)``, ``persons: (n,)`` ids -> ``(n,)`` predictions."""
+
+    @abc.abstractmethod
+    def predict_with_effects(
+        self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(n,)`` predictions with explicit θⁱ rows ``effects: (n, d)``."""
+
+
+def _per_person_mean(values: np.ndarray, persons: Sequence[Hashable]) -> np.ndarray:
+    """``values: (n,)`` -> ``(n_persons,)`` each person's mean, persons in sorted id order."""
+    ids = np.asarray([str(p) for p in as_id_list(persons)])
+    _, inv = np.unique(ids, return_inverse=True)
+    return np.bincount(inv, weights=values) / np.bincount(inv)
+
+
+class NMERegressor(_TabularEstimator):
     """NME regression: squared-error loss on z-normalised y.
 
     ``hidden=()`` is a linear model, so ``placement="all"`` is a random intercept and slope model.
@@ -572,6 +763,18 @@ class NMERegressor(_NMEEstimator):
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         # RMSE on the label's original scale
         return float(((out.squeeze(-1) - y) ** 2).mean().sqrt()) * float(self.y_scaler_.std)
+
+    def _squared_grads(self, items: _Items, persons: torch.Tensor) -> SquaredGrads | None:
+        if self.m_step != "laplace":
+            return None
+        module = self.module_
+
+        # squared error has an exact Gauss–Newton curvature (REML in the linear case), so the
+        # Laplace M-step does not need fit_loop's empirical Fisher
+        def squared_grads() -> torch.Tensor:
+            return module.squared_output_grads(items.x, persons)
+
+        return squared_grads
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -625,16 +828,12 @@ class NMERegressor(_NMEEstimator):
         known: np.ndarray | None = None,
     ) -> float:
         """Negative RMSE computed per person, then averaged over persons (higher is better)."""
-        pred = (self.predict_with_effects(X, effects, known) if effects is not None
-                else self.predict(X, persons))
+        pred = self._predict_rows(X, persons, effects, known)
         err = (pred - np.asarray(y, dtype=np.float64)) ** 2
-        ids = np.asarray([str(p) for p in as_id_list(persons)])
-        _, inv = np.unique(ids, return_inverse=True)
-        mse = np.bincount(inv, weights=err) / np.bincount(inv)
-        return -float(np.sqrt(mse).mean())
+        return -float(np.sqrt(_per_person_mean(err, persons)).mean())
 
 
-class NMEClassifier(_NMEEstimator):
+class NMEClassifier(_TabularEstimator):
     """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels.
 
     Same parameters as :class:`NMERegressor`, but ``m_step`` defaults to ``"laplace"`` (the
@@ -732,9 +931,6 @@ class NMEClassifier(_NMEEstimator):
         known: np.ndarray | None = None,
     ) -> float:
         """Accuracy computed per person, then averaged over persons (higher is better)."""
-        pred = (self.predict_with_effects(X, effects, known) if effects is not None
-                else self.predict(X, persons))
+        pred = self._predict_rows(X, persons, effects, known)
         hit = np.asarray([a == b for a, b in zip(pred, as_id_list(y), strict=True)], dtype=float)
-        ids = np.asarray([str(p) for p in as_id_list(persons)])
-        _, inv = np.unique(ids, return_inverse=True)
-        return float((np.bincount(inv, weights=hit) / np.bincount(inv)).mean())
+        return float(_per_person_mean(hit, persons).mean())

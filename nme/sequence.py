@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, ClassVar
+from dataclasses import replace
+from functools import partial
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
 from torch import nn
 
 from nme import crf
-from nme.data import ArrayLike, PersonIndex, Standardizer, as_id_list, feature_matrix
-from nme.estimators import _NMEEstimator, resolve_device
+from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
+from nme.estimators import _Items, _NMEEstimator
 from nme.mlp import MLP
 from nme.objective import SIGMA2_RULES
 from nme.personalize import PersonalizedModule, resolve_placement
-from nme.train import TrainConfig, fit_loop
+from nme.train import TrainConfig
 
 SEQUENCE_PLACEMENTS = ("T", "last+T", "all+T", "last", "all", "none")
 """Named placements of the tagger (besides explicit lists of parameter names)."""
@@ -369,17 +371,14 @@ class NMESequenceTagger(_NMEEstimator):
 
     # ----------------------------------------------------------------- the CRF
     def _crf_scores(
-        self, rows: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+        self, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Transitions ``(S, S)`` or ``(batch, S, S)`` = T̄ + Tⁱ, and the start/end scores.
 
         Args:
             rows: ``(batch, d)`` θⁱ rows (ignored when T is not placed).
-            params: parameters to use instead of the base module's (``fit_person``).
         """
         base = self.module_.base
-        if params is not None:
-            return params[TRANSITIONS], params.get("start"), params.get("end")
         transitions = base.transitions
         layout = self.module_.layout
         if TRANSITIONS in layout.names:
@@ -420,14 +419,14 @@ class NMESequenceTagger(_NMEEstimator):
                 torch.cat(margs) if want_marginals else None)
 
     # ----------------------------------------------------------------- fitting
-    def fit(  # type: ignore[override]
+    def fit(
         self,
         sequences: Sequence[LabelledSequence],
         persons: Sequence[Hashable] | np.ndarray,
         sequences_val: Sequence[LabelledSequence] | None = None,
         persons_val: Sequence[Hashable] | np.ndarray | None = None,
         callback: Callable[[dict], None] | None = None,
-    ) -> NMESequenceTagger:
+    ) -> Self:
         """Fit on labelled sequences.
 
         Args:
@@ -437,11 +436,20 @@ class NMESequenceTagger(_NMEEstimator):
                 NLL, ``patience`` epochs) and the reported accuracy (``val_metric``).
             callback: receives each epoch's history record.
         """
+        validation = None
+        if sequences_val is not None:
+            validation = partial(self._validation_sequences, sequences_val, persons_val)
+        return self._fit(partial(self._training_sequences, sequences, persons), validation,
+                         callback)
+
+    def _training_sequences(
+        self, sequences: Sequence[LabelledSequence], persons: Sequence[Hashable] | np.ndarray
+    ) -> _Items:
+        """Check the training sequences; learn the feature names, states and scaler."""
         feats, labels = self._unzip(sequences, "sequences")
         ids = as_id_list(persons)
         if len(ids) != len(feats):
             raise ValueError(f"persons has {len(ids)} entries for {len(feats)} sequences")
-        self.device_ = resolve_device(self.device)
         x_list = self._features(feats, "sequences", fitting=True)
         if self.states is not None:
             self.states_ = list(self.states)
@@ -454,76 +462,77 @@ class NMESequenceTagger(_NMEEstimator):
         y_list = self._encode_labels(labels, [len(x) for x in x_list], "sequences")
         self._check_paths_allowed(y_list, "sequences")
         self.x_scaler_ = Standardizer.fit(np.concatenate(x_list))
-        self.persons_ = PersonIndex(ids)
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
-        self.module_ = self._build(x_list[0].shape[1], len(self.persons_)).to(self.device_)
-
         x, mask, y = self._tensors(x_list, y_list)
         assert y is not None
-        lengths = mask.sum(1)  # (n,)
-        pt = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
-        module = self.module_
+        return _Items(x=x, y=y, ids=ids, mask=mask)
 
-        def item_loss(
-            idx: torch.Tensor, effects: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            # Trim the batch to its own longest sequence: padding costs CRF time steps.
-            longest = int(lengths[idx].max())
-            if effects is not None:  # per-sequence rows (the Laplace M-step's Fisher)
-                em, rows = module(x[idx, :longest], effects=effects)
-            else:
-                em, rows = module(x[idx, :longest], pt[idx])
-            return self._nll(em, y[idx, :longest], mask[idx, :longest], rows), rows
+    def _validation_sequences(
+        self,
+        sequences: Sequence[LabelledSequence],
+        persons: Sequence[Hashable] | np.ndarray | None,
+    ) -> _Items:
+        if persons is None:
+            raise ValueError("sequences_val needs persons_val")
+        feats, labels = self._unzip(sequences, "sequences_val")
+        ids = as_id_list(persons)
+        if len(ids) != len(feats):
+            raise ValueError(f"persons_val has {len(ids)} entries for {len(feats)} sequences")
+        x, mask, y = self._labelled_tensors(feats, labels, "sequences_val", "sequences_val")
+        return _Items(x=x, y=y, ids=ids, mask=mask)
 
-        validate = None
-        if sequences_val is not None:
-            if persons_val is None:
-                raise ValueError("sequences_val needs persons_val")
-            feats_v, labels_v = self._unzip(sequences_val, "sequences_val")
-            ids_v = as_id_list(persons_val)
-            if len(ids_v) != len(feats_v):
-                raise ValueError(f"persons_val has {len(ids_v)} entries for {len(feats_v)} "
-                                 "sequences")
-            xv_list = self._features(feats_v, "sequences_val")
-            yv_list = self._encode_labels(labels_v, [len(v) for v in xv_list], "sequences_val")
-            self._check_paths_allowed(yv_list, "sequences_val")
-            xv, mv, yv = self._tensors(xv_list, yv_list)
-            assert yv is not None
+    def _labelled_tensors(
+        self,
+        features: Sequence[ArrayLike],
+        labels: Sequence[Sequence[Hashable]],
+        features_name: str,
+        labels_name: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked labelled sequences of a fitted tagger as ``_tensors`` (x, mask, tags)."""
+        x_list = self._features(features, features_name)
+        y_list = self._encode_labels(labels, [len(x) for x in x_list], labels_name)
+        self._check_paths_allowed(y_list, labels_name)
+        x, mask, y = self._tensors(x_list, y_list)
+        assert y is not None
+        return x, mask, y
 
-            def validate() -> dict[str, float]:
-                self._set_fallback()  # the table moved during the epoch
-                rows = self._rows_for(ids_v)
-                nll = torch.cat([
-                    self._nll(module(xv[s : s + 512], effects=rows[s : s + 512])[0],
-                              yv[s : s + 512], mv[s : s + 512], rows[s : s + 512])
-                    for s in range(0, xv.shape[0], 512)
-                ])
-                paths, _, _ = self._infer(xv, mv, rows)
-                hits = (paths == yv) & mv
-                return {"val_loss": float(nll.mean()),
-                        "val_metric": float(hits.sum() / mv.sum())}
+    def _train_config(self) -> TrainConfig:
+        # Padded sequences are far bigger than table rows: smaller chunks for the passes over
+        # the training set (the Fisher of the Laplace M-step).
+        return replace(super()._train_config(), eval_batch_size=512, sigma2=self.sigma2)
 
-        config = TrainConfig(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            anneal=self.anneal,
-            seed=self.random_state,
-            verbose=self.verbose,
-            eval_batch_size=512,
-            m_step=self.m_step,
-            sigma2=self.sigma2,
-        )
-        result = fit_loop(module, pt, item_loss, config, validate, callback)
-        self.history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.sigma2_ = result.sigma2
-        self._Sigma_flat = result.Sigma.detach().to(self.device_)
-        self._set_fallback()
-        return self
+    def _train_losses(
+        self,
+        items: _Items,
+        persons: torch.Tensor,
+        idx: torch.Tensor,
+        effects: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b,)`` CRF NLL of the sequences ``idx`` and their θⁱ rows ``(b, d)``."""
+        assert items.mask is not None
+        mask = items.mask[idx]  # (b, L)
+        # Trim the batch to its own longest sequence: padding costs CRF time steps.
+        longest = int(mask.sum(1).max())
+        x = items.x[idx, :longest]
+        if effects is not None:  # per-sequence rows (the Laplace M-step's Fisher)
+            em, rows = self.module_(x, effects=effects)
+        else:
+            em, rows = self.module_(x, persons[idx])
+        assert isinstance(rows, torch.Tensor)  # gathered=False: per-sequence rows
+        return self._nll(em, items.y[idx, :longest], mask[:, :longest], rows), rows
+
+    def _val_scores(self, items: _Items, rows: torch.Tensor) -> dict[str, float]:
+        """Mean CRF NLL per sequence and Viterbi accuracy per segment."""
+        x, y, mask = items.x, items.y, items.mask
+        assert mask is not None
+        chunk = 512
+        nll = torch.cat([
+            self._nll(self.module_(x[s : s + chunk], effects=rows[s : s + chunk])[0],
+                      y[s : s + chunk], mask[s : s + chunk], rows[s : s + chunk])
+            for s in range(0, x.shape[0], chunk)
+        ])
+        paths, _, _ = self._infer(x, mask, rows)
+        hits = (paths == y) & mask
+        return {"val_loss": float(nll.mean()), "val_metric": float(hits.sum() / mask.sum())}
 
     def _check_paths_allowed(self, y_list: list[np.ndarray], name: str) -> None:
         """Labels must not use a forbidden transition: their likelihood would be 0."""
@@ -650,7 +659,7 @@ class NMESequenceTagger(_NMEEstimator):
         return probs if many else probs[0]
 
     # ----------------------------------------------------------------- per-person E-step
-    def fit_person(  # type: ignore[override]
+    def fit_person(
         self,
         features_list: Sequence[ArrayLike],
         labels_list: Sequence[Sequence[Hashable]],
@@ -672,46 +681,21 @@ class NMESequenceTagger(_NMEEstimator):
         """
         self._check_fitted()
         if len(features_list) == 0 or self.n_effects_ == 0:
-            return (np.zeros(self.n_effects_, np.float32) if init is None
-                    else np.asarray(init, np.float32))
-        x_list = self._features(features_list, "features_list")
-        y_list = self._encode_labels(labels_list, [len(v) for v in x_list], "labels_list")
-        self._check_paths_allowed(y_list, "labels_list")
-        x, mask, y = self._tensors(x_list, y_list)
-        start = self.fallback_effect_ if init is None else self._effects_tensor(
-            np.asarray(init, np.float32)[None], None)[0]
-        theta = start.detach().clone().requires_grad_(True)
-        sigma_inv = 1.0 / self._Sigma_flat if self.method == "nme" else None
-        sigma2 = self.sigma2_ if self.method == "nme" else 1.0
-        module = self.module_
-        module.eval()
-        base = {n: p.detach() for n, p in module.base.named_parameters()}
-        layout = module.layout
-        opt = torch.optim.LBFGS(
-            [theta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-6, tolerance_change=1e-9,
-        )
+            return self._fit_person(None, init, max_iter)
+        x, mask, y = self._labelled_tensors(features_list, labels_list, "features_list",
+                                            "labels_list")
+        base = self.module_.base
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            # One person: the same parameters for every sequence, so no per-sample vmap.
-            params = dict(base)
-            for n, d in layout.split(theta).items():
-                params[n] = base[n] + d
-            em = torch.func.functional_call(module.base, params, (x,))
-            transitions, st, en = self._crf_scores(theta, params)
-            nll = -crf.log_likelihood(em, y, mask, transitions, st, en, self.allowed_)
-            loss = nll.sum() / sigma2
-            if sigma_inv is not None:
-                loss = loss + (theta * theta * sigma_inv).sum()
-            loss.backward()
-            return loss
+        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            em = torch.func.functional_call(base, params, (x,))  # (n, L, S)
+            # θ̄ + θ already sits in params, T included when it is placed
+            transitions, start, end = params[TRANSITIONS], params.get("start"), params.get("end")
+            return -crf.log_likelihood(em, y, mask, transitions, start, end, self.allowed_)
 
-        opt.step(closure)
-        return theta.detach().cpu().numpy().astype(np.float32)
+        return self._fit_person(losses, init, max_iter)
 
     # ----------------------------------------------------------------- scoring
-    def score_per_person(  # type: ignore[override]
+    def score_per_person(
         self,
         sequences: Sequence[LabelledSequence],
         persons: Sequence[Hashable] | np.ndarray,
