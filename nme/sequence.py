@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from nme import crf
+from nme.base import _Items, _NMEEstimator
 from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
-from nme.estimators import _Items, _NMEEstimator
 from nme.mlp import MLP
 from nme.objective import SIGMA2_RULES
 from nme.personalize import PersonalizedModule, resolve_placement
@@ -168,7 +168,7 @@ class NMESequenceTagger(_NMEEstimator):
         lr, weight_decay: Adam(W) for θ̄; θⁱ uses SparseAdam with the same ``lr``.
         batch_size: sequences per mini-batch.
         max_epochs, patience: epochs, and early-stopping patience on the validation NLL.
-        anneal: Σ annealing α (see :mod:`nme.estimators`), or None.
+        anneal: Σ annealing α (see :mod:`nme.base`), or None.
         m_step: ``"laplace"`` (default) or ``"paper"``, see below and
             :func:`nme.objective.laplace_posterior`.
         sigma2: ``"mean_loss"`` (default, the paper) or ``"nll"``, see below and
@@ -728,7 +728,7 @@ class NMESequenceTagger(_NMEEstimator):
     # ----------------------------------------------------------------- artifacts
     def save(self, path: str | os.PathLike, include_effects: bool = True) -> None:
         """Write the artifact directory (see :meth:`NMERegressor.save
-        <nme.estimators._NMEEstimator.save>`); state names must be str or int."""
+        <nme.base._NMEEstimator.save>`); state names must be str or int."""
         self._check_fitted()
         bad = [s for s in self.states_ if not isinstance(s, (str, int))]
         if bad:

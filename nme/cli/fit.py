@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from nme.base import _NMEEstimator
 from nme.cli.inputs import (
     CLI_FILE,
     CLI_VERSION,
@@ -42,7 +43,6 @@ from nme.cli.inputs import (
 )
 from nme.cli.tasks import TASKS, Items, Task
 from nme.data import temporal_split
-from nme.estimators import _NMEEstimator
 from nme.personalize import METHODS
 
 

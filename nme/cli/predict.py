@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nme.base import load_estimator
 from nme.cli.inputs import (
     CLI_FILE,
     CLIError,
@@ -21,7 +22,6 @@ from nme.cli.inputs import (
     require_numeric,
 )
 from nme.cli.tasks import task_of
-from nme.estimators import load_estimator
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

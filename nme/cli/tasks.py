@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from nme.base import _NMEEstimator
 from nme.cli.inputs import (
     CLI_FILE,
     CLIError,
@@ -26,7 +27,7 @@ from nme.cli.inputs import (
     require_complete,
     sequence_order,
 )
-from nme.estimators import NMEClassifier, NMERegressor, _NMEEstimator
+from nme.estimators import NMEClassifier, NMERegressor
 from nme.sequence import NMESequenceTagger
 
 
