@@ -1,176 +1,74 @@
-"""Estimators with a fit/predict API: :class:`NMERegressor` and :class:`NMEClassifier`.
+"""Estimators on tables: :class:`NMERegressor` and :class:`NMEClassifier`.
 
 Both wrap an :class:`~nme.mlp.MLP` in a :class:`~nme.personalize.PersonalizedModule` and train it
-with :func:`~nme.train.fit_loop`. Features are z-normalised on the training data; for regression
-so is y (predictions come back on the original scale).
-
-Unknown persons (not seen in training) get θⁱ = 0, the generic model.
-
-``anneal`` defaults to 0.8 (Σ ← max(0.8·Σ_old, var)): one epoch of Adam from θⁱ = 0 moves the
-rows only a little, so the plain M-step would measure a tiny spread after the first epoch and
-lock θⁱ near zero for good; annealing lets Σ shrink no faster than 20 % per epoch. DESIGN.md
-suggests α ∈ [0.9, 1); with early stopping on validation, 0.9 kept Σ large for so long that
-training often stopped while θⁱ still overfit (README, "Choosing anneal"), so the default is
-0.8. Pass ``anneal=None`` for the plain EM update.
+with the fit skeleton of :class:`nme.base._NMEEstimator`; one training item is one row. Features
+are z-normalised on the training data; for regression so is y (predictions come back on the
+original scale). Unknown persons get the generic model (see :mod:`nme.base`, also for
+``anneal``).
 
 ``m_step`` (see :func:`nme.objective.laplace_posterior`): ``"paper"`` is the paper's M-step,
 σ² = mean training loss and Σ = variance of the θⁱ modes across persons; ``"laplace"`` adds
 each person's diagonal Laplace posterior variance of θⁱ — for regression with the exact
 Gauss–Newton curvature (the EM of a linear mixed model: it lands on the REML estimates of
 sleepstudy and Orthodont), for classification with the empirical Fisher of the cross-entropy.
-
-Defaults, measured on simulated mood data with person effects (80 persons, 30 training days,
-``hidden=(32, 32)``, ``placement="last"``; seeds 1/2/3; per-person test scores):
-
-* classification (3 mood classes), ``m_step="laplace"``: the paper's M-step shrinks Σ every epoch
-  (one epoch of Adam never moves θⁱ far enough for their variance to keep up with Σ, so
-  annealing's 0.8ᵏ is the only floor) and collapses it to 0; it only personalises because
-  early stopping ends training first. With early stopping the two are level (accuracy 0.681 /
-  0.744 / 0.776 paper vs 0.680 / 0.738 / 0.775 laplace; generic 0.449 / 0.436 / 0.454);
-  training 60 epochs without early stopping the paper's model falls back to generic
-  (0.434 / 0.455 / 0.468) while laplace keeps 0.668 / 0.745 / 0.726.
-* regression, ``m_step="paper"``: the Gauss–Newton Laplace step is the exact EM in the linear
-  case, but on the nonlinear benchmark it did not help (per-person RMSE with early stopping
-  4.38 / 4.18 / 4.12 paper vs 4.40 / 4.26 / 4.24 laplace; with 5 training days per person
-  4.47 / 4.63 / 5.16 vs 4.67 / 4.93 / 5.03; without early stopping 5.08 / 4.32 / 4.30 vs
-  4.69 / 4.14 / 4.38), so the paper's rule stays the default; use ``"laplace"`` for
-  (near-)linear models and few observations per person.
-
-The Laplace step costs one extra forward and backward pass over the training set per epoch. Under
-``method="specific"`` there is no generic part on the placed parameters, so unknown persons get
-the mean θⁱ of the training persons instead (the closest thing to a generic model it has).
+The defaults are ``"paper"`` for regression and ``"laplace"`` for classification, where the
+paper's M-step collapses Σ to 0 once training runs long. The Laplace step costs one extra
+forward and backward pass over the training set per epoch. Why these defaults:
+``docs/decisions.md``.
 """
 
 from __future__ import annotations
 
-import os
+import abc
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ClassVar
+from functools import partial
+from typing import Self
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nme.artifact import ArtifactError, read_artifact, write_artifact
-from nme.data import ArrayLike, PersonIndex, Standardizer, as_id_list, feature_matrix
+from nme.base import _Items, _NMEEstimator, load_estimator, resolve_device
+from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
 from nme.mlp import MLP
-from nme.personalize import METHODS, EffectsLayout, PersonalizedModule
-from nme.train import TrainConfig, fit_loop
+from nme.personalize import PersonalizedModule
+from nme.persons import Gathered
+from nme.train import SquaredGrads
+
+__all__ = ["NMEClassifier", "NMERegressor", "load_estimator", "resolve_device"]
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class _TabularEstimator(_NMEEstimator):
+    """Estimators on a table: one item per row, an :class:`~nme.mlp.MLP` over its features.
 
-
-class _NMEEstimator:
-    """Shared machinery; subclasses define the target encoding, the loss and the outputs."""
-
-    _registry: ClassVar[dict[str, type[_NMEEstimator]]] = {}
-    _param_names: ClassVar[tuple[str, ...]] = (
-        "hidden",
-        "placement",
-        "method",
-        "activation",
-        "dropout",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "max_epochs",
-        "patience",
-        "anneal",
-        "m_step",
-        "batching",
-        "device",
-        "random_state",
-        "verbose",
-    )
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _NMEEstimator._registry[cls.__name__] = cls
-
-    def __init__(
-        self,
-        hidden: Sequence[int] = (64, 64),
-        placement: str | Sequence[str] = "last",
-        method: str = "nme",
-        activation: str = "relu",
-        dropout: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        batch_size: int = 512,
-        max_epochs: int = 100,
-        patience: int | None = 10,
-        anneal: float | None = 0.8,
-        m_step: str = "paper",
-        batching: str = "random",
-        device: str = "auto",
-        random_state: int | None = None,
-        verbose: bool = False,
-    ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if anneal is not None and not 0.0 < anneal < 1.0:
-            raise ValueError(f"anneal must be in (0, 1), got {anneal}")
-        if m_step not in ("paper", "laplace"):
-            raise ValueError(f"m_step must be 'paper' or 'laplace', got {m_step!r}")
-        self.m_step = m_step
-        if batching not in ("random", "person"):
-            raise ValueError(f"batching must be 'random' or 'person', got {batching!r}")
-        self.batching = batching
-        self.hidden = tuple(int(h) for h in hidden)
-        self.placement = placement if isinstance(placement, str) else list(placement)
-        self.method = method
-        self.activation = activation
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.anneal = anneal
-        self.device = device
-        self.random_state = random_state
-        self.verbose = verbose
+    Subclasses define the target encoding, the per-row loss, the validation metric and the
+    outputs.
+    """
 
     # ----------------------------------------------------------------- subclass hooks
-    def _n_outputs(self) -> int:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
-        raise NotImplementedError
+        """``y: (n,)`` labels -> ``(n,)`` what :meth:`_item_losses` takes; ``fitting`` learns
+        the encoding (scaler, classes) first."""
 
+    @abc.abstractmethod
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``out: (b, outputs)``, ``y: (b,)`` -> ``(b,)`` downstream loss."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
-        raise NotImplementedError
+        """The reported validation metric of outputs ``(n, outputs)`` for targets ``(n,)``."""
 
-    def _extra_config(self) -> dict:
-        return {}
-
-    def _extra_tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def _restore_extra(self, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-        pass
-
-    # ----------------------------------------------------------------- parameters
-    def get_params(self) -> dict[str, Any]:
-        """Constructor arguments (sklearn convention)."""
-        return {k: getattr(self, k) for k in self._param_names}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "module_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+    @abc.abstractmethod
+    def score_per_person(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable],
+        effects: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> float:
+        """Per-person averaged score, higher is better (see the subclass)."""
 
     # ----------------------------------------------------------------- fitting
     def _build(self, n_features: int, n_persons: int) -> PersonalizedModule:
@@ -186,13 +84,22 @@ class _NMEEstimator:
         y_val: ArrayLike | None = None,
         persons_val: Sequence[Hashable] | np.ndarray | None = None,
         callback: Callable[[dict], None] | None = None,
-    ) -> _NMEEstimator:
+    ) -> Self:
         """Fit on ``X: (n, F)``, ``y: (n,)``, ``persons: (n,)`` hashable ids.
 
         With a validation set, training stops after ``patience`` epochs without improvement of
         the validation loss and keeps the best epoch. ``callback(record)`` receives each
         epoch's history record.
         """
+        validation = None
+        if X_val is not None:
+            validation = partial(self._validation_rows, X_val, y_val, persons_val)
+        return self._fit(partial(self._training_rows, X, y, persons), validation, callback)
+
+    def _training_rows(
+        self, X: ArrayLike, y: ArrayLike, persons: Sequence[Hashable] | np.ndarray
+    ) -> _Items:
+        """Check the training table, learn the feature names, scaler and target encoding."""
         x, names = feature_matrix(X)
         ids = as_id_list(persons)
         if any(p is None or (isinstance(p, float) and p != p) for p in ids):
@@ -201,87 +108,50 @@ class _NMEEstimator:
             raise ValueError(f"persons has {len(ids)} entries, X has {x.shape[0]} rows")
         if x.shape[0] == 0:
             raise ValueError("cannot fit on an empty training set")
-        self.device_ = resolve_device(self.device)
         self.feature_names_ = names or [f"x{k}" for k in range(x.shape[1])]
         self._names_from_frame = names is not None
         self.x_scaler_ = Standardizer.fit(x)
         y_t = self._encode_target(y, fitting=True)
         if y_t.shape[0] != x.shape[0]:
             raise ValueError(f"y has {y_t.shape[0]} entries, X has {x.shape[0]} rows")
-        self.persons_ = PersonIndex(ids)
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
-        self.module_ = self._build(x.shape[1], len(self.persons_)).to(self.device_)
+        xt = torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
+        return _Items(x=xt, y=y_t.to(self.device_), ids=ids)
 
-        dev = self.device_
-        xt = torch.from_numpy(self.x_scaler_.transform(x)).to(dev)
-        yt = y_t.to(dev)
-        pt = torch.from_numpy(self.persons_.encode(ids)).to(dev)
-        module = self.module_
+    def _validation_rows(
+        self,
+        X_val: ArrayLike,
+        y_val: ArrayLike | None,
+        persons_val: Sequence[Hashable] | np.ndarray | None,
+    ) -> _Items:
+        if y_val is None or persons_val is None:
+            raise ValueError("X_val needs y_val and persons_val")
+        x = self._input(X_val, "X_val")
+        y = self._encode_target(y_val, fitting=False, name="y_val").to(self.device_)
+        return _Items(x=x, y=y, ids=as_id_list(persons_val))
 
-        def item_loss(
-            idx: torch.Tensor, effects: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            if effects is not None:
-                out, rows = module(xt[idx], effects=effects)
-            else:
-                out, rows = module(xt[idx], pt[idx], gathered=True)
-            return self._item_losses(out, yt[idx]), rows
-
-        validate = None
-        if X_val is not None:
-            if y_val is None or persons_val is None:
-                raise ValueError("X_val needs y_val and persons_val")
-            xv = self._input(X_val, "X_val")
-            yv = self._encode_target(y_val, fitting=False, name="y_val").to(dev)
-            ids_v = as_id_list(persons_val)
-
-            def validate() -> dict[str, float]:
-                self._set_fallback()  # the table moved during the epoch
-                out = self._forward(xv, self._rows_for(ids_v))
-                return {
-                    "val_loss": float(self._item_losses(out, yv).mean()),
-                    "val_metric": self._val_metric(out, yv),
-                }
-
-        config = TrainConfig(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            anneal=self.anneal,
-            seed=self.random_state,
-            verbose=self.verbose,
-            m_step=self.m_step,
-            batching=self.batching,
-        )
-        squared_grads = None
-        if self.m_step == "laplace" and isinstance(self, NMERegressor):
-            # squared error: the exact Gauss–Newton curvature (REML in the linear case); the
-            # classifier's cross-entropy uses fit_loop's empirical Fisher
-
-            def squared_grads() -> torch.Tensor:
-                return module.squared_output_grads(xt, pt)
-
-        result = fit_loop(module, pt, item_loss, config, validate, callback, squared_grads)
-        self.history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.sigma2_ = result.sigma2
-        self._Sigma_flat = result.Sigma.detach().to(dev)
-        self._set_fallback()
-        return self
-
-    def _set_fallback(self) -> None:
-        """θⁱ used for unknown persons: zero, or the persons' mean under ``specific``."""
-        table = self.module_.persons.weight.detach()
-        if self.method == "specific" and table.shape[0] > 0:
-            self.fallback_effect_ = table.mean(dim=0)
+    def _train_losses(
+        self,
+        items: _Items,
+        persons: torch.Tensor,
+        idx: torch.Tensor,
+        effects: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | Gathered]:
+        if effects is not None:
+            out, rows = self.module_(items.x[idx], effects=effects)
         else:
-            self.fallback_effect_ = torch.zeros(table.shape[1], device=table.device)
+            out, rows = self.module_(items.x[idx], persons[idx], gathered=True)
+        return self._item_losses(out, items.y[idx]), rows
+
+    def _val_scores(self, items: _Items, rows: torch.Tensor) -> dict[str, float]:
+        out = self._forward(items.x, rows)
+        return {
+            "val_loss": float(self._item_losses(out, items.y).mean()),
+            "val_metric": self._val_metric(out, items.y),
+        }
 
     # ----------------------------------------------------------------- inference
     def _input(self, X: ArrayLike, name: str = "X") -> torch.Tensor:
+        """``X: (n, F)`` checked against the fitted features -> ``(n, F)`` normalised."""
         self._check_fitted()
         expected = self.feature_names_ if self._names_from_frame else None
         x, _ = feature_matrix(X, expected=expected, name=name)
@@ -289,15 +159,6 @@ class _NMEEstimator:
             raise ValueError(f"{name} has {x.shape[1]} features, the model expects "
                              f"{len(self.feature_names_)}")
         return torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
-
-    def _rows_for(self, ids: list) -> torch.Tensor:
-        """θⁱ rows ``(n, dim)`` for person ids; unknown persons get the fallback row."""
-        idx = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
-        table = self.module_.persons.weight.detach()
-        if table.shape[0] == 0:  # loaded without effects: everyone is unknown
-            return self.fallback_effect_.expand(len(ids), -1)
-        rows = table[idx.clamp(min=0)]
-        return torch.where((idx >= 0).unsqueeze(-1), rows, self.fallback_effect_)
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -311,17 +172,6 @@ class _NMEEstimator:
             for s in range(0, x.shape[0], chunk)
         ]
         return torch.cat(outs)
-
-    def _effects_tensor(self, effects: np.ndarray, known: np.ndarray | None) -> torch.Tensor:
-        e = torch.as_tensor(np.asarray(effects, dtype=np.float32), device=self.device_)
-        if e.ndim != 2 or e.shape[1] != self.n_effects_:
-            raise ValueError(
-                f"effects must have shape (n, {self.n_effects_}), got {tuple(e.shape)}"
-            )
-        if known is None:
-            return e
-        k = torch.as_tensor(np.asarray(known, dtype=bool), device=self.device_)
-        return torch.where(k.unsqueeze(-1), e, self.fallback_effect_)
 
     def _raw(
         self,
@@ -340,46 +190,6 @@ class _NMEEstimator:
         if rows.shape[0] != x.shape[0]:
             raise ValueError(f"got {rows.shape[0]} persons/effects for {x.shape[0]} rows of X")
         return self._forward(x, rows)
-
-    # ----------------------------------------------------------------- person effects
-    @property
-    def n_effects_(self) -> int:
-        """Length d of one flattened θⁱ vector."""
-        self._check_fitted()
-        return self.module_.effect_dim
-
-    @property
-    def effects_layout_(self) -> EffectsLayout:
-        """Order and shapes of the parameters inside a flattened θⁱ vector."""
-        self._check_fitted()
-        return self.module_.layout
-
-    @property
-    def person_ids_(self) -> list:
-        """Training persons, in the row order of :meth:`effects_matrix`."""
-        self._check_fitted()
-        return list(self.persons_.ids)
-
-    @property
-    def Sigma_(self) -> dict[str, torch.Tensor]:
-        """Diagonal of Σ per placed parameter, each shaped like the parameter.
-
-        Like ``sigma2_`` (the mean training loss), Σ lives on the scale the network trains on:
-        z-normalised features and, for regression, z-normalised y (multiply σ² by
-        ``y_scaler_.std**2`` for label units).
-        """
-        self._check_fitted()
-        return {k: v.cpu() for k, v in self.effects_layout_.split(self._Sigma_flat).items()}
-
-    def effects_matrix(self) -> np.ndarray:
-        """``(n_persons, d) float32``: every training person's flattened θⁱ."""
-        self._check_fitted()
-        return self.module_.persons.weight.detach().cpu().numpy().copy()
-
-    def person_effects(self, person: Hashable) -> dict[str, torch.Tensor]:
-        """θⁱ of one person per placed parameter (zeros, or the fallback, if unknown)."""
-        row = self._rows_for([person])[0]
-        return {k: v.cpu().clone() for k, v in self.effects_layout_.split(row).items()}
 
     # ----------------------------------------------------------------- per-person E-step
     def fit_person(
@@ -404,162 +214,45 @@ class _NMEEstimator:
         """
         x = self._input(X)
         yt = self._encode_target(y, fitting=False).to(self.device_)
-        if x.shape[0] == 0 or self.n_effects_ == 0:
-            return (np.zeros(self.n_effects_, np.float32) if init is None
-                    else np.asarray(init, np.float32))
-        start = self.fallback_effect_ if init is None else self._effects_tensor(
-            np.asarray(init, np.float32)[None], None)[0]
-        theta = start.detach().clone().requires_grad_(True)
-        sigma_inv = 1.0 / self._Sigma_flat if self.method == "nme" else None
-        sigma2 = self.sigma2_ if self.method == "nme" else 1.0
-        module = self.module_
-        module.eval()
-        base = dict(module.base.named_parameters())
-        layout = module.layout
-        opt = torch.optim.LBFGS(
-            [theta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-6, tolerance_change=1e-9,
-        )
+        base = self.module_.base
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            # One person: the same parameters for every row, so no per-sample vmap is needed.
-            params = {n: base[n].detach() + d for n, d in layout.split(theta).items()}
-            out = torch.func.functional_call(module.base, params, (x,))
-            loss = self._item_losses(out, yt).sum() / sigma2
-            if sigma_inv is not None:
-                loss = loss + (theta * theta * sigma_inv).sum()
-            loss.backward()
-            return loss
+        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._item_losses(torch.func.functional_call(base, params, (x,)), yt)
 
-        opt.step(closure)
-        return theta.detach().cpu().numpy().astype(np.float32)
+        return self._fit_person(losses if x.shape[0] else None, init, max_iter)
 
     # ----------------------------------------------------------------- scoring
-    def score_per_person(
+    def _predict_rows(
         self,
         X: ArrayLike,
-        y: ArrayLike,
         persons: Sequence[Hashable],
-        effects: np.ndarray | None = None,
-        known: np.ndarray | None = None,
-    ) -> float:
-        """Per-person averaged score, higher is better (see the subclass)."""
-        raise NotImplementedError
+        effects: np.ndarray | None,
+        known: np.ndarray | None,
+    ) -> np.ndarray:
+        """``(n,)`` predictions with explicit θⁱ rows if given, else the persons' own."""
+        if effects is not None:
+            return self.predict_with_effects(X, effects, known)
+        return self.predict(X, persons)
 
-    # ----------------------------------------------------------------- artifacts
-    def save(self, path: str | os.PathLike, include_effects: bool = True) -> None:
-        """Write the artifact directory (see :mod:`nme.artifact`).
+    @abc.abstractmethod
+    def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
+        """``X: (n, F)``, ``persons: (n,)`` ids -> ``(n,)`` predictions."""
 
-        ``include_effects=False`` leaves out the person table (the service keeps θⁱ in its
-        database); person ids are then not stored either.
-        """
-        self._check_fitted()
-        ids = self.persons_.ids if include_effects else []
-        bad = [p for p in ids if not isinstance(p, (str, int))]
-        if bad:
-            raise ValueError(f"person ids must be str or int to be saved, got e.g. {bad[0]!r}")
-        params = self.get_params()
-        params["hidden"] = list(self.hidden)
-        params["device"] = "auto" if self.device == "auto" else str(self.device)
-        config = {
-            "estimator": type(self).__name__,
-            "params": params,
-            "architecture": {
-                "in_features": len(self.feature_names_),
-                "hidden": list(self.hidden),
-                "out_features": self._n_outputs(),
-                "activation": self.activation,
-                "dropout": self.dropout,
-            },
-            "method": self.method,
-            "placement": self.placement,
-            "feature_names": self.feature_names_,
-            "feature_names_from_frame": self._names_from_frame,
-            "sigma2": self.sigma2_,
-            "effects_layout": self.effects_layout_.to_json(),
-            "n_effects": self.n_effects_,
-            "person_ids": ids,
-            "history": self.history_,
-            "best_epoch": self.best_epoch_,
-            **self._extra_config(),
-        }
-        tensors = {f"theta.{k}": v for k, v in self.module_.base.state_dict().items()}
-        tensors["x_mean"] = torch.from_numpy(self.x_scaler_.mean)
-        tensors["x_std"] = torch.from_numpy(self.x_scaler_.std)
-        tensors["Sigma"] = self._Sigma_flat
-        tensors["fallback_effect"] = self.fallback_effect_
-        if include_effects:
-            tensors["effects"] = self.module_.persons.weight
-        tensors.update(self._extra_tensors())
-        write_artifact(path, config, tensors)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None) -> _NMEEstimator:
-        """Load an artifact written by :meth:`save`; raises ``ArtifactError`` if it is bad."""
-        est = load_estimator(path, device=device)
-        if not isinstance(est, cls):
-            raise ArtifactError(f"{path} holds a {type(est).__name__}, not a {cls.__name__}")
-        return est
+    @abc.abstractmethod
+    def predict_with_effects(
+        self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``(n,)`` predictions with explicit θⁱ rows ``effects: (n, d)``."""
 
 
-def load_estimator(path: str | os.PathLike, device: str | None = None) -> _NMEEstimator:
-    """Load any estimator artifact, dispatching on the class recorded in ``config.json``."""
-    config, tensors = read_artifact(path)
-    name = config.get("estimator")
-    cls = _NMEEstimator._registry.get(name)  # type: ignore[arg-type]
-    if cls is None:
-        raise ArtifactError(f"artifact {path} holds an unknown estimator {name!r}")
-    try:
-        params = dict(config["params"])
-        if device is not None:
-            params["device"] = device
-        est = cls(**params)
-        est.device_ = resolve_device(est.device)
-        est.feature_names_ = list(config["feature_names"])
-        est._names_from_frame = bool(config["feature_names_from_frame"])
-        est._restore_extra(config, tensors)
-        arch = config["architecture"]
-        # the network is built from the recorded architecture, so a mismatch with the weights
-        # surfaces as a shape error below
-        est.hidden = tuple(arch["hidden"])
-        est.activation, est.dropout = arch["activation"], arch["dropout"]
-        ids = list(config["person_ids"])
-        est.persons_ = PersonIndex(ids)
-        has_effects = "effects" in tensors
-        est.module_ = est._build(arch["in_features"], len(ids) if has_effects else 0)
-        theta = {k.removeprefix("theta."): v for k, v in tensors.items() if k.startswith("theta.")}
-        est.module_.base.load_state_dict(theta, strict=True)
-        layout = EffectsLayout.from_json(config["effects_layout"])
-        if layout != est.module_.layout:
-            raise ArtifactError(f"artifact {path}: effects layout does not match the network")
-        dim = layout.dim
-        if has_effects:
-            if tuple(tensors["effects"].shape) != (len(ids), dim):
-                raise ArtifactError(
-                    f"artifact {path}: effects have shape {tuple(tensors['effects'].shape)}, "
-                    f"expected ({len(ids)}, {dim})"
-                )
-            with torch.no_grad():
-                est.module_.persons.weight.copy_(tensors["effects"])
-        for key in ("Sigma", "fallback_effect"):
-            if tuple(tensors[key].shape) != (dim,):
-                raise ArtifactError(f"artifact {path}: {key} has the wrong shape")
-        est.module_.to(est.device_).eval()
-        est.x_scaler_ = Standardizer(tensors["x_mean"].numpy(), tensors["x_std"].numpy())
-        est.sigma2_ = float(config["sigma2"])
-        est._Sigma_flat = tensors["Sigma"].to(est.device_)
-        est.fallback_effect_ = tensors["fallback_effect"].to(est.device_)
-        est.history_ = list(config.get("history", []))
-        est.best_epoch_ = int(config.get("best_epoch", 0))
-    except ArtifactError:
-        raise
-    except (KeyError, RuntimeError, TypeError, ValueError) as err:
-        raise ArtifactError(f"artifact {path} does not fit its config: {err}") from err
-    return est
+def _per_person_mean(values: np.ndarray, persons: Sequence[Hashable]) -> np.ndarray:
+    """``values: (n,)`` -> ``(n_persons,)`` each person's mean, persons in sorted id order."""
+    ids = np.asarray([str(p) for p in as_id_list(persons)])
+    _, inv = np.unique(ids, return_inverse=True)
+    return np.bincount(inv, weights=values) / np.bincount(inv)
 
 
-class NMERegressor(_NMEEstimator):
+class NMERegressor(_TabularEstimator):
     """NME regression: squared-error loss on z-normalised y.
 
     ``hidden=()`` is a linear model, so ``placement="all"`` is a random intercept and slope model.
@@ -586,6 +279,18 @@ class NMERegressor(_NMEEstimator):
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         # RMSE on the label's original scale
         return float(((out.squeeze(-1) - y) ** 2).mean().sqrt()) * float(self.y_scaler_.std)
+
+    def _squared_grads(self, items: _Items, persons: torch.Tensor) -> SquaredGrads | None:
+        if self.m_step != "laplace":
+            return None
+        module = self.module_
+
+        # squared error has an exact Gauss–Newton curvature (REML in the linear case), so the
+        # Laplace M-step does not need fit_loop's empirical Fisher
+        def squared_grads() -> torch.Tensor:
+            return module.squared_output_grads(items.x, persons)
+
+        return squared_grads
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -639,16 +344,12 @@ class NMERegressor(_NMEEstimator):
         known: np.ndarray | None = None,
     ) -> float:
         """Negative RMSE computed per person, then averaged over persons (higher is better)."""
-        pred = (self.predict_with_effects(X, effects, known) if effects is not None
-                else self.predict(X, persons))
+        pred = self._predict_rows(X, persons, effects, known)
         err = (pred - np.asarray(y, dtype=np.float64)) ** 2
-        ids = np.asarray([str(p) for p in as_id_list(persons)])
-        _, inv = np.unique(ids, return_inverse=True)
-        mse = np.bincount(inv, weights=err) / np.bincount(inv)
-        return -float(np.sqrt(mse).mean())
+        return -float(np.sqrt(_per_person_mean(err, persons)).mean())
 
 
-class NMEClassifier(_NMEEstimator):
+class NMEClassifier(_TabularEstimator):
     """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels.
 
     Same parameters as :class:`NMERegressor`, but ``m_step`` defaults to ``"laplace"`` (the
@@ -746,9 +447,6 @@ class NMEClassifier(_NMEEstimator):
         known: np.ndarray | None = None,
     ) -> float:
         """Accuracy computed per person, then averaged over persons (higher is better)."""
-        pred = (self.predict_with_effects(X, effects, known) if effects is not None
-                else self.predict(X, persons))
+        pred = self._predict_rows(X, persons, effects, known)
         hit = np.asarray([a == b for a, b in zip(pred, as_id_list(y), strict=True)], dtype=float)
-        ids = np.asarray([str(p) for p in as_id_list(persons)])
-        _, inv = np.unique(ids, return_inverse=True)
-        return float((np.bincount(inv, weights=hit) / np.bincount(inv)).mean())
+        return float(_per_person_mean(hit, persons).mean())

@@ -119,7 +119,7 @@ def laplace_posterior(
     * squared error l = (y − f)²: the Gauss–Newton Hᵢ = Σⱼ gᵢⱼ² with gᵢⱼ = ∂f(Xⁱⱼ)/∂θⁱ
       (exact for a linear model; :meth:`~nme.personalize.PersonalizedModule.squared_output_grads`);
     * a negative log-likelihood (cross-entropy, CRF NLL): the Fisher approximation
-      ∂²l ≈ (∂l)², Hᵢ = ½ Σⱼ (∂lᵢⱼ/∂θⁱ)² (:func:`empirical_fisher`).
+      ∂²l ≈ (∂l)², Hᵢ = ½ Σⱼ (∂lᵢⱼ/∂θⁱ)² (:func:`nme.train.empirical_fisher`).
 
     The plain M-step (variance of the posterior modes) ignores the posterior variance
     Vᵢ = 1/precision and therefore underestimates Σ, down to a collapse at zero when a person's

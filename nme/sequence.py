@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, ClassVar
+from dataclasses import replace
+from functools import partial
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
 from torch import nn
 
 from nme import crf
-from nme.data import ArrayLike, PersonIndex, Standardizer, as_id_list, feature_matrix
-from nme.estimators import _NMEEstimator, resolve_device
+from nme.base import _Items, _NMEEstimator
+from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
 from nme.mlp import MLP
 from nme.objective import SIGMA2_RULES
 from nme.personalize import PersonalizedModule, resolve_placement
-from nme.train import TrainConfig, fit_loop
+from nme.train import TrainConfig
 
 SEQUENCE_PLACEMENTS = ("T", "last+T", "all+T", "last", "all", "none")
 """Named placements of the tagger (besides explicit lists of parameter names)."""
@@ -166,7 +168,7 @@ class NMESequenceTagger(_NMEEstimator):
         lr, weight_decay: Adam(W) for θ̄; θⁱ uses SparseAdam with the same ``lr``.
         batch_size: sequences per mini-batch.
         max_epochs, patience: epochs, and early-stopping patience on the validation NLL.
-        anneal: Σ annealing α (see :mod:`nme.estimators`), or None.
+        anneal: Σ annealing α (see :mod:`nme.base`), or None.
         m_step: ``"laplace"`` (default) or ``"paper"``, see below and
             :func:`nme.objective.laplace_posterior`.
         sigma2: ``"mean_loss"`` (default, the paper) or ``"nll"``, see below and
@@ -185,46 +187,14 @@ class NMESequenceTagger(_NMEEstimator):
     ``m_step="paper"``). The paper sets σ² to the mean training loss, for the CRF a
     per-sequence NLL of 10–27, which divides the data term by that much: θⁱ barely move from 0,
     their variance across persons is tiny, and Σ (the variance of the modes) shrinks every
-    epoch as fast as annealing allows — to 0.001 after 40 epochs, where the model is the generic
-    CRF again. NME-CRF then beats the generic CRF only because early stopping ends training
-    first. ``m_step="laplace"`` adds each person's posterior variance of θⁱ (empirical Fisher
-    of the sequence NLLs) to Σ, which stops the collapse. ``sigma2="nll"`` (an option, not the
-    paper) fixes σ² = ½ so that Eq. 1 is twice the negative log posterior of the mixed CRF and
-    each sequence counts with its full likelihood weight.
-
-    Measured on ``simulate_sequences(n_persons=24, n_sequences=40, length=12,
-    person_noise=0.7)``, 9 training / 3 validation sequences per person, linear emissions,
-    ``placement="last+T"``, ``lr=0.1``, ``batch_size=16``; seeds 1 / 2 / 3. Δacc and Δα: gain
-    in per-person accuracy and Krippendorff's α over the generic CRF; r: correlation of the
-    learned with the true transition matrices (deviations from the mean); Σ: mean Σ of Tⁱ (true
-    spread of the centred log transition probabilities 0.50 / 0.50 / 0.58); t: Welch t of the
-    depressed-vs-control contrast of the learned matrices.
-
-    ======================  =======  ===================  ===================  ===================
-    regime                  metric   paper                laplace (default)    laplace + nll
-    ======================  =======  ===================  ===================  ===================
-    10 epochs, best on val  Δacc     +.021 +.023 +.023    +.024 +.018 +.031    +.022 +.021 +.015
-    (the tests' setting)    Δα       +.010 +.014 +.008    +.023 +.013 +.031    −.008 −.005 −.022
-                            r        .62 .65 .51          .68 .67 .55          .68 .68 .57
-                            t        4.0 7.3 3.8          3.7 4.4 3.9          2.4 1.8 1.7
-    40 epochs, patience 5   Δacc     +.021 +.023 +.023    +.021 +.018 +.024    +.028 +.024 +.030
-                            Δα       +.010 +.014 +.008    +.016 +.013 +.025    +.001 +.009 +.000
-                            r        .62 .65 .51          .71 .67 .67          .72 .67 .57
-    40 epochs, no val       Δacc     +.015 −.006 +.000    +.032 +.001 +.009    +.059 +.018 +.024
-                            Δα       +.031 −.010 −.003    +.051 −.005 +.005    +.054 −.009 −.013
-                            r        −.07 .21 .07         .49 .48 .55          .72 .67 .54
-                            Σ        .001 .001 .001       .20 .21 .20          .38 .43 .71
-    ======================  =======  ===================  ===================  ===================
-
-    The Laplace step is the default: with early stopping it matches the paper's accuracy and
-    is better on α and r, and without it Σ no longer collapses. It does not make the result
-    independent of when training stops: with the paper's σ² the down-weighted data move θⁱ
-    little (mean |Tⁱ| 0.02–0.04) and Σ still drifts down slowly (0.8 → 0.2 over 40 epochs).
-    ``sigma2="nll"`` does: Σ settles near the true spread and accuracy and r are the best of
-    the three once training runs long; but the less-shrunk person parameters (here the whole
-    linear emission layer per person, from 9 sequences) cost chance-corrected agreement α and
-    weaken the group contrast, so it is an option, not the default. The Laplace step costs one
-    extra forward/backward pass over the training sequences per epoch.
+    epoch as fast as annealing allows until the model is the generic CRF again.
+    ``m_step="laplace"`` adds each person's posterior variance of θⁱ (empirical Fisher of the
+    sequence NLLs) to Σ, which stops the collapse; it costs one extra forward/backward pass over
+    the training sequences per epoch. ``sigma2="nll"`` (an option, not the paper) fixes σ² = ½
+    so that Eq. 1 is twice the negative log posterior of the mixed CRF and each sequence counts
+    with its full likelihood weight; it recovers the transition matrices best once training runs
+    long, but costs chance-corrected agreement, so it is not the default. The measurements
+    behind these defaults are in ``docs/decisions.md``.
     """
 
     _param_names: ClassVar[tuple[str, ...]] = (
@@ -401,17 +371,14 @@ class NMESequenceTagger(_NMEEstimator):
 
     # ----------------------------------------------------------------- the CRF
     def _crf_scores(
-        self, rows: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+        self, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Transitions ``(S, S)`` or ``(batch, S, S)`` = T̄ + Tⁱ, and the start/end scores.
 
         Args:
             rows: ``(batch, d)`` θⁱ rows (ignored when T is not placed).
-            params: parameters to use instead of the base module's (``fit_person``).
         """
         base = self.module_.base
-        if params is not None:
-            return params[TRANSITIONS], params.get("start"), params.get("end")
         transitions = base.transitions
         layout = self.module_.layout
         if TRANSITIONS in layout.names:
@@ -452,14 +419,14 @@ class NMESequenceTagger(_NMEEstimator):
                 torch.cat(margs) if want_marginals else None)
 
     # ----------------------------------------------------------------- fitting
-    def fit(  # type: ignore[override]
+    def fit(
         self,
         sequences: Sequence[LabelledSequence],
         persons: Sequence[Hashable] | np.ndarray,
         sequences_val: Sequence[LabelledSequence] | None = None,
         persons_val: Sequence[Hashable] | np.ndarray | None = None,
         callback: Callable[[dict], None] | None = None,
-    ) -> NMESequenceTagger:
+    ) -> Self:
         """Fit on labelled sequences.
 
         Args:
@@ -469,11 +436,20 @@ class NMESequenceTagger(_NMEEstimator):
                 NLL, ``patience`` epochs) and the reported accuracy (``val_metric``).
             callback: receives each epoch's history record.
         """
+        validation = None
+        if sequences_val is not None:
+            validation = partial(self._validation_sequences, sequences_val, persons_val)
+        return self._fit(partial(self._training_sequences, sequences, persons), validation,
+                         callback)
+
+    def _training_sequences(
+        self, sequences: Sequence[LabelledSequence], persons: Sequence[Hashable] | np.ndarray
+    ) -> _Items:
+        """Check the training sequences; learn the feature names, states and scaler."""
         feats, labels = self._unzip(sequences, "sequences")
         ids = as_id_list(persons)
         if len(ids) != len(feats):
             raise ValueError(f"persons has {len(ids)} entries for {len(feats)} sequences")
-        self.device_ = resolve_device(self.device)
         x_list = self._features(feats, "sequences", fitting=True)
         if self.states is not None:
             self.states_ = list(self.states)
@@ -486,76 +462,77 @@ class NMESequenceTagger(_NMEEstimator):
         y_list = self._encode_labels(labels, [len(x) for x in x_list], "sequences")
         self._check_paths_allowed(y_list, "sequences")
         self.x_scaler_ = Standardizer.fit(np.concatenate(x_list))
-        self.persons_ = PersonIndex(ids)
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
-        self.module_ = self._build(x_list[0].shape[1], len(self.persons_)).to(self.device_)
-
         x, mask, y = self._tensors(x_list, y_list)
         assert y is not None
-        lengths = mask.sum(1)  # (n,)
-        pt = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
-        module = self.module_
+        return _Items(x=x, y=y, ids=ids, mask=mask)
 
-        def item_loss(
-            idx: torch.Tensor, effects: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            # Trim the batch to its own longest sequence: padding costs CRF time steps.
-            longest = int(lengths[idx].max())
-            if effects is not None:  # per-sequence rows (the Laplace M-step's Fisher)
-                em, rows = module(x[idx, :longest], effects=effects)
-            else:
-                em, rows = module(x[idx, :longest], pt[idx])
-            return self._nll(em, y[idx, :longest], mask[idx, :longest], rows), rows
+    def _validation_sequences(
+        self,
+        sequences: Sequence[LabelledSequence],
+        persons: Sequence[Hashable] | np.ndarray | None,
+    ) -> _Items:
+        if persons is None:
+            raise ValueError("sequences_val needs persons_val")
+        feats, labels = self._unzip(sequences, "sequences_val")
+        ids = as_id_list(persons)
+        if len(ids) != len(feats):
+            raise ValueError(f"persons_val has {len(ids)} entries for {len(feats)} sequences")
+        x, mask, y = self._labelled_tensors(feats, labels, "sequences_val", "sequences_val")
+        return _Items(x=x, y=y, ids=ids, mask=mask)
 
-        validate = None
-        if sequences_val is not None:
-            if persons_val is None:
-                raise ValueError("sequences_val needs persons_val")
-            feats_v, labels_v = self._unzip(sequences_val, "sequences_val")
-            ids_v = as_id_list(persons_val)
-            if len(ids_v) != len(feats_v):
-                raise ValueError(f"persons_val has {len(ids_v)} entries for {len(feats_v)} "
-                                 "sequences")
-            xv_list = self._features(feats_v, "sequences_val")
-            yv_list = self._encode_labels(labels_v, [len(v) for v in xv_list], "sequences_val")
-            self._check_paths_allowed(yv_list, "sequences_val")
-            xv, mv, yv = self._tensors(xv_list, yv_list)
-            assert yv is not None
+    def _labelled_tensors(
+        self,
+        features: Sequence[ArrayLike],
+        labels: Sequence[Sequence[Hashable]],
+        features_name: str,
+        labels_name: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked labelled sequences of a fitted tagger as ``_tensors`` (x, mask, tags)."""
+        x_list = self._features(features, features_name)
+        y_list = self._encode_labels(labels, [len(x) for x in x_list], labels_name)
+        self._check_paths_allowed(y_list, labels_name)
+        x, mask, y = self._tensors(x_list, y_list)
+        assert y is not None
+        return x, mask, y
 
-            def validate() -> dict[str, float]:
-                self._set_fallback()  # the table moved during the epoch
-                rows = self._rows_for(ids_v)
-                nll = torch.cat([
-                    self._nll(module(xv[s : s + 512], effects=rows[s : s + 512])[0],
-                              yv[s : s + 512], mv[s : s + 512], rows[s : s + 512])
-                    for s in range(0, xv.shape[0], 512)
-                ])
-                paths, _, _ = self._infer(xv, mv, rows)
-                hits = (paths == yv) & mv
-                return {"val_loss": float(nll.mean()),
-                        "val_metric": float(hits.sum() / mv.sum())}
+    def _train_config(self) -> TrainConfig:
+        # Padded sequences are far bigger than table rows: smaller chunks for the passes over
+        # the training set (the Fisher of the Laplace M-step).
+        return replace(super()._train_config(), eval_batch_size=512, sigma2=self.sigma2)
 
-        config = TrainConfig(
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            anneal=self.anneal,
-            seed=self.random_state,
-            verbose=self.verbose,
-            eval_batch_size=512,
-            m_step=self.m_step,
-            sigma2=self.sigma2,
-        )
-        result = fit_loop(module, pt, item_loss, config, validate, callback)
-        self.history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.sigma2_ = result.sigma2
-        self._Sigma_flat = result.Sigma.detach().to(self.device_)
-        self._set_fallback()
-        return self
+    def _train_losses(
+        self,
+        items: _Items,
+        persons: torch.Tensor,
+        idx: torch.Tensor,
+        effects: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b,)`` CRF NLL of the sequences ``idx`` and their θⁱ rows ``(b, d)``."""
+        assert items.mask is not None
+        mask = items.mask[idx]  # (b, L)
+        # Trim the batch to its own longest sequence: padding costs CRF time steps.
+        longest = int(mask.sum(1).max())
+        x = items.x[idx, :longest]
+        if effects is not None:  # per-sequence rows (the Laplace M-step's Fisher)
+            em, rows = self.module_(x, effects=effects)
+        else:
+            em, rows = self.module_(x, persons[idx])
+        assert isinstance(rows, torch.Tensor)  # gathered=False: per-sequence rows
+        return self._nll(em, items.y[idx, :longest], mask[:, :longest], rows), rows
+
+    def _val_scores(self, items: _Items, rows: torch.Tensor) -> dict[str, float]:
+        """Mean CRF NLL per sequence and Viterbi accuracy per segment."""
+        x, y, mask = items.x, items.y, items.mask
+        assert mask is not None
+        chunk = 512
+        nll = torch.cat([
+            self._nll(self.module_(x[s : s + chunk], effects=rows[s : s + chunk])[0],
+                      y[s : s + chunk], mask[s : s + chunk], rows[s : s + chunk])
+            for s in range(0, x.shape[0], chunk)
+        ])
+        paths, _, _ = self._infer(x, mask, rows)
+        hits = (paths == y) & mask
+        return {"val_loss": float(nll.mean()), "val_metric": float(hits.sum() / mask.sum())}
 
     def _check_paths_allowed(self, y_list: list[np.ndarray], name: str) -> None:
         """Labels must not use a forbidden transition: their likelihood would be 0."""
@@ -682,7 +659,7 @@ class NMESequenceTagger(_NMEEstimator):
         return probs if many else probs[0]
 
     # ----------------------------------------------------------------- per-person E-step
-    def fit_person(  # type: ignore[override]
+    def fit_person(
         self,
         features_list: Sequence[ArrayLike],
         labels_list: Sequence[Sequence[Hashable]],
@@ -704,46 +681,21 @@ class NMESequenceTagger(_NMEEstimator):
         """
         self._check_fitted()
         if len(features_list) == 0 or self.n_effects_ == 0:
-            return (np.zeros(self.n_effects_, np.float32) if init is None
-                    else np.asarray(init, np.float32))
-        x_list = self._features(features_list, "features_list")
-        y_list = self._encode_labels(labels_list, [len(v) for v in x_list], "labels_list")
-        self._check_paths_allowed(y_list, "labels_list")
-        x, mask, y = self._tensors(x_list, y_list)
-        start = self.fallback_effect_ if init is None else self._effects_tensor(
-            np.asarray(init, np.float32)[None], None)[0]
-        theta = start.detach().clone().requires_grad_(True)
-        sigma_inv = 1.0 / self._Sigma_flat if self.method == "nme" else None
-        sigma2 = self.sigma2_ if self.method == "nme" else 1.0
-        module = self.module_
-        module.eval()
-        base = {n: p.detach() for n, p in module.base.named_parameters()}
-        layout = module.layout
-        opt = torch.optim.LBFGS(
-            [theta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-6, tolerance_change=1e-9,
-        )
+            return self._fit_person(None, init, max_iter)
+        x, mask, y = self._labelled_tensors(features_list, labels_list, "features_list",
+                                            "labels_list")
+        base = self.module_.base
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            # One person: the same parameters for every sequence, so no per-sample vmap.
-            params = dict(base)
-            for n, d in layout.split(theta).items():
-                params[n] = base[n] + d
-            em = torch.func.functional_call(module.base, params, (x,))
-            transitions, st, en = self._crf_scores(theta, params)
-            nll = -crf.log_likelihood(em, y, mask, transitions, st, en, self.allowed_)
-            loss = nll.sum() / sigma2
-            if sigma_inv is not None:
-                loss = loss + (theta * theta * sigma_inv).sum()
-            loss.backward()
-            return loss
+        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            em = torch.func.functional_call(base, params, (x,))  # (n, L, S)
+            # θ̄ + θ already sits in params, T included when it is placed
+            transitions, start, end = params[TRANSITIONS], params.get("start"), params.get("end")
+            return -crf.log_likelihood(em, y, mask, transitions, start, end, self.allowed_)
 
-        opt.step(closure)
-        return theta.detach().cpu().numpy().astype(np.float32)
+        return self._fit_person(losses, init, max_iter)
 
     # ----------------------------------------------------------------- scoring
-    def score_per_person(  # type: ignore[override]
+    def score_per_person(
         self,
         sequences: Sequence[LabelledSequence],
         persons: Sequence[Hashable] | np.ndarray,
@@ -776,7 +728,7 @@ class NMESequenceTagger(_NMEEstimator):
     # ----------------------------------------------------------------- artifacts
     def save(self, path: str | os.PathLike, include_effects: bool = True) -> None:
         """Write the artifact directory (see :meth:`NMERegressor.save
-        <nme.estimators._NMEEstimator.save>`); state names must be str or int."""
+        <nme.base._NMEEstimator.save>`); state names must be str or int."""
         self._check_fitted()
         bad = [s for s in self.states_ if not isinstance(s, (str, int))]
         if bad:

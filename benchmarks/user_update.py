@@ -14,7 +14,7 @@ CPU, for a brand-new user with 10, 100 and 1 000 labels:
 
 Target: the per-user update for 100 labels < 200 ms.
 
-    .venv/bin/python benchmarks/personalize.py [--epochs 20]
+    .venv/bin/python benchmarks/user_update.py [--epochs 20]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="demo model training epochs")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    workdir = Path(tempfile.mkdtemp(prefix="nme-personalize-"))
+    workdir = Path(tempfile.mkdtemp(prefix="nme-user-update-"))
     settings = Settings(
         database_url=f"sqlite:///{workdir / 'nme.sqlite3'}",
         artifact_dir=workdir / "artifacts",
