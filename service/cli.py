@@ -117,7 +117,7 @@ def cmd_refit(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Set up the demo database and model, print curl commands, serve."""
-    from service.demo import curl_commands, prepare_demo
+    from service.demo import check_through_client, client_snippet, curl_commands, prepare_demo
 
     _limit_torch_threads(settings)
     result = prepare_demo(
@@ -126,7 +126,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     host, port = args.host or settings.host, args.port or settings.port
     print(f"\nadmin API key (shown once): {result.key}")
     print(f"model 'mood' version {result.version}: {json.dumps(result.metrics)}\n")
+    print("checked through NMEClient: " + check_through_client(settings, result) + "\n")
     print(curl_commands(result, f"http://{host}:{port}"))
+    print("\n# or from Python:\n" + client_snippet(result, f"http://{host}:{port}"))
     if args.no_serve:
         return 0
     print(f"\nserving on http://{host}:{port} (Ctrl-C to stop)\n", flush=True)

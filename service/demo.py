@@ -13,6 +13,7 @@ from nme.simulate import simulate_mood
 from service import migrate
 from service.api.schemas import ObservationCreate
 from service.auth import SCOPES
+from service.client import NMEClient
 from service.config import Settings
 from service.db import make_engine, make_session_factory
 from service.jobs.tasks import refit_model
@@ -111,6 +112,41 @@ def prepare_demo(
         metrics=version.metrics,
         known_user=sample.user_id,
         features=sample.features,
+    )
+
+
+def check_through_client(settings: Settings, result: DemoResult) -> str:
+    """Ask the freshly trained model for two predictions through :class:`NMEClient`, with the
+    app running in-process: the demo's smoke test, and the client's first user."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    items = [
+        {"user_id": result.known_user, "features": result.features},
+        {"user_id": "someone-new", "features": result.features},
+    ]
+    with (
+        TestClient(create_app(settings)) as http,
+        NMEClient(str(http.base_url), result.key, http=http) as nme,
+    ):
+        answer = nme.predict("mood", items)
+    return "; ".join(
+        f"{p.user_id} → {p.prediction:.1f} ({'personalised' if p.personalized else 'generic'})"
+        for p in answer.predictions
+    )
+
+
+def client_snippet(result: DemoResult, base_url: str) -> str:
+    """The same prediction with the Python client."""
+    return "\n".join(
+        [
+            "from service.client import NMEClient",
+            f'with NMEClient("{base_url}", api_key="{result.key}") as nme:',
+            f'    answer = nme.predict("mood", [{{"user_id": "{result.known_user}", '
+            f'"features": {result.features!r}}}])',
+            "    print(answer.version, answer.predictions[0])",
+        ]
     )
 
 

@@ -4,7 +4,8 @@ on failure it lists every offending import.
 
 Layers, lowest first (a module may import its own layer and any lower one):
 
-0. infrastructure: ``service.config``, ``db``, ``errors``, ``logs``, ``auth``, ``migrate``
+0. infrastructure: ``service.config``, ``db``, ``errors``, ``logs``, ``auth``, ``migrate``;
+   and ``service.client`` (which imports nothing else from the service)
 1. ``service.storage``   tables, data access, artifacts, the θⁱ codec, API-key rows; and the
    migration scripts (``migrations/``, installed as ``service.migrations``)
 2. ``service.learning``  model kinds, refit, champion/challenger, user updates, ingest, serving
@@ -28,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
         "service.logs",
         "service.auth",
         "service.migrate",
+        "service.client",
     ),
     ("service.storage", "service.migrations"),
     ("service.learning",),
@@ -92,6 +94,11 @@ def test_service_imports_point_down() -> None:
             if level is not None and level > own:
                 violations.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not violations, "imports from a higher layer:\n" + "\n".join(violations)
+
+
+def test_the_client_needs_nothing_else_from_the_service() -> None:
+    imports = [target for _, target in imported_modules(ROOT / "service" / "client.py")]
+    assert [t for t in imports if t == "service" or t.startswith("service.")] == []
 
 
 def test_nme_never_imports_service() -> None:

@@ -82,6 +82,9 @@ def test_demo_sets_everything_up(
     out = capsys.readouterr().out
     key = re.search(r"admin API key \(shown once\): (\S+)", out).group(1)
     assert "curl -s http://127.0.0.1:8000/v1/models/mood/predict" in out
+    assert re.search(r"checked through NMEClient: \S+ → [-\d.]+ \(personalised\); "
+                     r"someone-new → [-\d.]+ \(generic\)", out), out
+    assert "from service.client import NMEClient" in out
     assert (tmp_path / "var" / "nme.sqlite3").is_file()
 
     settings = Settings(device="cpu")  # the same ./var defaults the demo used
