@@ -7,20 +7,18 @@ Run it with ``nme-service serve`` or ``uvicorn --factory service.app:create_app`
 from __future__ import annotations
 
 import gc
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
-from service.api.deps import KeyCache
+from service.api.errors import service_error, validation_error
+from service.api.guard import KeyCache, RateLimiter, RequestGuard
 from service.api.prometheus import MetricsMiddleware, ServiceMetrics
 from service.api.routes import (
+    docs,
     health,
     jobs,
     metrics,
@@ -38,8 +36,10 @@ from service.migrate import head_revision
 
 DESCRIPTION = """Personalised predictions with Neural Mixed Effects (NME).
 
-Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`; keys carry the
-scopes `predict`, `ingest` and/or `admin` (see `nme-service create-key`)."""
+Every route except `/healthz`, `/readyz` and these documentation pages needs
+`Authorization: Bearer <key>`; keys carry the scopes `predict`, `ingest` and/or `admin` (see
+`nme-service create-key`). Requests are limited per key (429 with `Retry-After`) and in size
+(bodies over `NME_MAX_BODY_BYTES`: 413); see docs/service.md for every limit."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -74,37 +74,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if settings.api_docs else None,
+        docs_url=None,  # served by routes.docs, with assets shipped in a package (no CDN)
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics(lambda: getattr(app.state, "engine", None))
     for module in (health, models, observations, predict, sequences, users, jobs, metrics):
         app.include_router(module.router)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    return app
-
-
-async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServiceError)
-    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail})
-
-
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    # FastAPI's own handler echoes the offending input, and a NaN or ±inf input (Python's json
-    # accepts them) cannot be serialised back: it would turn a 422 into a 500.
-    assert isinstance(exc, RequestValidationError)
-    return JSONResponse(
-        status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))}
+    if settings.api_docs:
+        docs.add_docs(app)
+    # Added last = outermost: metrics see every answer, also the guard's 401/413/429.
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        limiter=RateLimiter(settings.rate_limits),
+        on_refusal=app.state.metrics.count_rate_limited,
     )
-
-
-def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats (anywhere in a JSON-like value) by their string form."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    return app

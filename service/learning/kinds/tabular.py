@@ -34,6 +34,8 @@ from service.learning.validation import (
 from service.storage import store
 from service.storage.tables import Model, utcnow
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class ObservationItem(Protocol):
     """One day of one user, as the ingest route receives it."""
@@ -230,7 +232,11 @@ class RegressionKind(TabularKind):
     label_dtype = np.float64
 
     def label_error(self, model: Model, label: float | str) -> str | None:
-        return None if isinstance(label, float) else "a regression label must be a number"
+        if not isinstance(label, float):
+            return "a regression label must be a number"
+        if not abs(label) <= FLOAT32_MAX:
+            return "a regression label must fit in float32 (|label| <= 3.4e38)"
+        return None
 
     def predict(
         self,
@@ -261,6 +267,9 @@ class ClassificationKind(TabularKind):
     task = "classification"
     estimator_class = NMEClassifier
     score_name = "accuracy"
+
+    def _set_outputs(self, estimator: Any, labels: list[str] | None) -> None:
+        estimator.classes_ = list(labels or [])
 
     def label_error(self, model: Model, label: float | str) -> str | None:
         if label in (model.classes or []):
