@@ -182,15 +182,10 @@ def test_stored_ids_breaking_the_rule_stay_readable_and_deletable(
         assert session.scalar(select(User).where(User.external_id == external_id)) is None
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # PostgreSQL refused NUL
 def test_stored_nul_id_is_deletable_on_sqlite(
-    client: TestClient,
-    auth: Callable,
-    mood_model: dict,
-    session_factory: sessionmaker[Session],
-    database_url: str,
+    client: TestClient, auth: Callable, mood_model: dict, session_factory: sessionmaker[Session]
 ) -> None:
-    if not database_url.startswith("sqlite"):
-        pytest.skip("PostgreSQL never stored a NUL (it refused it with a 500)")
     legacy_user(session_factory, "a\x00b")
     assert client.get("/v1/models/mood/users/a%00b", headers=auth("predict")).status_code == 200
     assert client.delete("/v1/users/a%00b", headers=auth("admin")).status_code == 204
