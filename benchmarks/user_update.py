@@ -35,7 +35,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 
 from service.app import create_app
-from service.config import Settings
+from service.config import RateLimits, Settings
 from service.db import make_engine, make_session_factory
 from service.demo import FEATURES, prepare_demo
 from service.learning.serving import Predictor
@@ -120,6 +120,7 @@ def main() -> None:
         device="cpu",
         torch_threads=1,
         max_batch=1000,
+        rate_limits=RateLimits(enabled=False),  # measure learning, not 429s
     )
     demo = prepare_demo(settings, max_epochs=args.epochs, log=lambda _m: None)
     headers = {"Authorization": f"Bearer {demo.key}"}

@@ -7,23 +7,23 @@ Run it with ``nme-service serve`` or ``uvicorn --factory service.app:create_app`
 from __future__ import annotations
 
 import gc
-import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from service.api.deps import KeyCache
+from service.api.errors import (
+    DATABASE_ERRORS,
+    database_unavailable,
+    service_error,
+    validation_error,
+)
+from service.api.guard import KeyCache, RateLimiter, RequestGuard
 from service.api.prometheus import MetricsMiddleware, ServiceMetrics
 from service.api.routes import (
+    docs,
     events,
     health,
     jobs,
@@ -40,12 +40,12 @@ from service.errors import ServiceError
 from service.learning.serving import Predictor
 from service.migrate import head_revision
 
-log = logging.getLogger("service.api")
-
 DESCRIPTION = """Personalised predictions with Neural Mixed Effects (NME).
 
-Every route except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`; keys carry the
-scopes `predict`, `ingest` and/or `admin` (see `nme-service create-key`)."""
+Every route except `/healthz`, `/readyz` and these documentation pages needs
+`Authorization: Bearer <key>`; keys carry the scopes `predict`, `ingest` and/or `admin` (see
+`nme-service create-key`). Requests are limited per key (429 with `Retry-After`) and in size
+(bodies over `NME_MAX_BODY_BYTES`: 413); see docs/service.md for every limit."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -84,6 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if settings.api_docs else None,
+        docs_url=None,  # served by routes.docs, with assets shipped in a package (no CDN)
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = ServiceMetrics(lambda: getattr(app.state, "engine", None))
@@ -91,48 +95,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         health, models, observations, predict, sequences, users, jobs, events, metrics
     ):
         app.include_router(module.router)
+    if settings.api_docs:
+        docs.add_docs(app)
+    # Added last = outermost: metrics see every answer, also the guard's 401/413/429.
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        limiter=RateLimiter(settings.rate_limits),
+        on_refusal=app.state.metrics.count_rate_limited,
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(ServiceError, service_error)
     for error in DATABASE_ERRORS:
-        app.add_exception_handler(error, _database_unavailable)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(error, database_unavailable)
+    app.add_exception_handler(RequestValidationError, validation_error)
     return app
-
-
-async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServiceError)
-    return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail})
-
-
-DATABASE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
-"""What an unreachable, restarting or overloaded database raises (and statement timeouts)."""
-RETRY_AFTER_SECONDS = 5
-
-
-async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    log.warning(f"database unavailable: {type(exc).__name__}", extra={"action": "503"})
-    return JSONResponse(
-        status_code=503,
-        content={"detail": "the database is unavailable; retry after a few seconds"},
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
-
-
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    # FastAPI's own handler echoes the offending input, and a NaN or ±inf input (Python's json
-    # accepts them) cannot be serialised back: it would turn a 422 into a 500.
-    assert isinstance(exc, RequestValidationError)
-    return JSONResponse(
-        status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))}
-    )
-
-
-def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats (anywhere in a JSON-like value) by their string form."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value

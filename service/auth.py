@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -37,10 +38,16 @@ def generate_key() -> NewKey:
     return NewKey(plaintext=plaintext, prefix=prefix, key_hash=hash_key(plaintext))
 
 
+_PREFIX = re.compile(r"[0-9a-f]{1,16}")
+
+
 def key_prefix(plaintext: str) -> str | None:
-    """The prefix of a well-formed key, or None for anything else."""
+    """The prefix of a well-formed key (lowercase hex, as generated), or None for anything else
+    (which then never reaches the database)."""
     parts = plaintext.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_MARKER or not parts[1] or not parts[2]:
+    if len(parts) != 3 or parts[0] != KEY_MARKER or not parts[2]:
+        return None
+    if _PREFIX.fullmatch(parts[1]) is None:
         return None
     return parts[1]
 

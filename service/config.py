@@ -9,10 +9,57 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/nme.sqlite3"
+
+RateScope = Literal["predict", "ingest", "admin", "read"]
+"""What a request is charged to: the scope its route needs (``read``: routes any key may call)."""
+
+
+class RateLimit(BaseModel):
+    """A token bucket: ``rate`` requests per second on average, bursts of up to ``burst``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float = Field(gt=0.0, le=1e6, allow_inf_nan=False)
+    burst: int = Field(ge=1, le=1_000_000)
+
+
+DEFAULT_RATE_LIMITS: dict[str, RateLimit] = {
+    "predict": RateLimit(rate=100.0, burst=200),
+    "ingest": RateLimit(rate=20.0, burst=50),
+    "admin": RateLimit(rate=5.0, burst=20),
+    "read": RateLimit(rate=20.0, burst=50),
+}
+"""Per key and API process; see docs/service.md, Rate limits."""
+
+
+class RateLimits(BaseModel):
+    """``NME_RATE_LIMITS``, a JSON object. ``scopes`` overrides the defaults per scope,
+    ``keys`` per API key (by its public prefix or its name) and scope; ``null`` means unlimited.
+
+    Example: ``{"scopes": {"predict": {"rate": 50, "burst": 100}}, "keys": {"backend":
+    {"predict": {"rate": 500, "burst": 1000}}, "3f9c0a1b2c4d": {"admin": null}}}``
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    scopes: dict[RateScope, RateLimit | None] = Field(default_factory=dict)
+    keys: dict[str, dict[RateScope, RateLimit | None]] = Field(default_factory=dict)
+
+    def limit_for(self, scope: str, *, prefix: str, name: str) -> RateLimit | None:
+        """The bucket of a key for one scope: its own override (prefix before name), else the
+        scope's setting, else the default; None means unlimited."""
+        for who in (prefix, name):
+            overrides = self.keys.get(who)
+            if overrides is not None and scope in overrides:
+                return overrides[scope]  # type: ignore[index]
+        if scope in self.scopes:
+            return self.scopes[scope]  # type: ignore[index]
+        return DEFAULT_RATE_LIMITS.get(scope)
 
 
 class Settings(BaseSettings):
@@ -53,6 +100,47 @@ class Settings(BaseSettings):
         "docs/service.md, Performance). Scale with "
         "more processes instead.",
     )
+    # ------------------------------------------------------------- limits on requests
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body in bytes (413 otherwise), checked from Content-Length "
+        "and while the body streams in, before anything parses it.",
+    )
+    max_features: int = Field(
+        default=1_000,
+        ge=1,
+        le=10_000,
+        description="Most features a model may define, and most entries in one feature map of a "
+        "request (422 naming the field otherwise).",
+    )
+    max_segments: int = Field(
+        default=1_000, ge=1, description="Most segments in one sequence (ingest and decode)."
+    )
+    max_segments_per_request: int = Field(
+        default=100_000, ge=1, description="Most segments in all sequences of one request."
+    )
+    max_generic_parameters: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="Most generic parameters θ̄ (network weights) a model definition may have.",
+    )
+    max_person_parameters: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most person-specific parameters θⁱ per user (one float32 each in every user's "
+        "database row) a model definition may have.",
+    )
+    rate_limits: RateLimits = Field(
+        default_factory=RateLimits,
+        description="Token buckets per API key and scope (JSON; see RateLimits).",
+    )
+    api_docs: bool = Field(
+        default=True,
+        description="Serve /docs, /redoc and /openapi.json (open, without a key; assets shipped "
+        "with the service). False: none of the three exists.",
+    )
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -75,6 +75,8 @@ def prepare_demo(
                 architecture, training = kind_for("regression").resolve_settings(
                     {"hidden": [64, 64]},
                     {"max_epochs": max_epochs, "lr": 3e-3, "batch_size": 256, "patience": 10},
+                    n_features=len(FEATURES),
+                    labels=None,
                 )
                 model = store.add_model(
                     session,

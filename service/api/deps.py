@@ -6,19 +6,16 @@ long; everything here reads from ``app.state``, which ``create_app`` fills in it
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.concurrency import run_in_threadpool
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service.api.guard import PRINCIPAL, Principal, verify_key
 from service.api.prometheus import ServiceMetrics
-from service.auth import hash_key, key_matches, key_prefix
+from service.api.schemas import MAX_ID, MAX_USER_ID_LENGTH, MODEL_NAME_PATTERN
 from service.config import Settings
 from service.errors import NotFound
 from service.learning.serving import Predictor
@@ -65,79 +62,23 @@ PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 # ---------------------------------------------------------------------------------- auth
 
-
-@dataclass(frozen=True)
-class Principal:
-    """The caller: which key, and what it may do."""
-
-    key_id: int
-    name: str
-    scopes: frozenset[str]
-
-
-class KeyCache:
-    """Verified keys, trusted for ``ttl`` seconds without a database round trip.
-
-    Keyed by the key's hash, so the cache never holds plaintext. ``ttl=0`` disables it, and a
-    revocation takes effect everywhere within ``ttl`` seconds.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self._entries: dict[str, tuple[float, Principal]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> Principal | None:
-        """A still-fresh principal for this key hash."""
-        entry = self._entries.get(digest)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
-
-    def put(self, digest: str, principal: Principal) -> None:
-        """Remember a verified key."""
-        if self.ttl > 0:
-            with self._lock:
-                if len(self._entries) > 10_000:  # bound memory against key spraying
-                    self._entries.clear()
-                self._entries[digest] = (time.monotonic() + self.ttl, principal)
-
-
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer nme_…`.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def _unauthorized(message: str) -> HTTPException:
-    return HTTPException(
-        status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"}
-    )
+async def authenticate(request: Request, credentials: Credentials) -> Principal:
+    """The caller's principal.
 
-
-async def authenticate(
-    request: Request, session: SessionDep, credentials: Credentials
-) -> Principal:
-    """The caller's principal: 401 without a key, or for an unknown, malformed or revoked one."""
-    if credentials is None:
-        raise _unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    token = credentials.credentials
-    cache: KeyCache = request.app.state.key_cache
-    digest = hash_key(token)
-    principal = cache.get(digest)
-    if principal is None:
-        # The database look-up blocks: keep it off the event loop.
-        principal = await run_in_threadpool(_verify_key, session, token)
-        cache.put(digest, principal)
-    return principal
-
-
-def _verify_key(session: Session, token: str) -> Principal:
-    prefix = key_prefix(token)
-    key = store.get_api_key(session, prefix=prefix) if prefix else None
-    if key is None or not key_matches(token, key.key_hash):
-        raise _unauthorized("invalid API key")
-    if key.revoked_at is not None:
-        raise _unauthorized("this API key was revoked")
-    return Principal(key_id=key.id, name=key.name, scopes=frozenset(key.scopes))
+    :class:`service.api.guard.RequestGuard` verifies the key before the body is read and puts
+    the principal in the request state; this dependency hands it to the handler (and declares
+    the bearer scheme in the OpenAPI document). Without the guard in front (an app assembled by
+    hand) it verifies the key itself.
+    """
+    principal = request.scope.get("state", {}).get(PRINCIPAL)
+    if isinstance(principal, Principal):
+        return principal
+    token = credentials.credentials if credentials is not None else None
+    return await verify_key(request.app.state, token)
 
 
 def require_scope(scope: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
@@ -150,8 +91,11 @@ def require_scope(scope: str) -> Callable[[Principal], Coroutine[Any, Any, Princ
             )
         return principal
 
+    check.required_scope = scope  # type: ignore[attr-defined]  # read by the rate limiter
     return check
 
+
+authenticate.required_scope = "read"  # type: ignore[attr-defined]
 
 AnyKey = Annotated[Principal, Depends(authenticate)]
 PredictKey = Annotated[Principal, Depends(require_scope("predict"))]
@@ -159,10 +103,31 @@ IngestKey = Annotated[Principal, Depends(require_scope("ingest"))]
 AdminKey = Annotated[Principal, Depends(require_scope("admin"))]
 
 
+# ---------------------------------------------------------------------------------- path parameters
+
+ModelNameParam = Annotated[
+    str, Path(pattern=MODEL_NAME_PATTERN, description="The model's name.", examples=["mood"])
+]
+VersionNumber = Annotated[
+    int, Path(ge=1, le=MAX_ID, description="A version number of the model (1, 2, …).")
+]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="The job's id.")]
+UserIdParam = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_USER_ID_LENGTH,
+        description="The user's id, percent-encoded. Any stored id is found, also one from "
+        "before the id rule (e.g. with `/`, sent as `%2F` or plain).",
+        examples=["u1"],
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------- models
 
 
-def get_model(name: str, session: SessionDep) -> Model:
+def get_model(name: ModelNameParam, session: SessionDep) -> Model:
     """The model named in the path, or 404."""
     model = store.get_model(session, name=name)
     if model is None:

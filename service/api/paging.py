@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, TypeVar
 
@@ -32,6 +33,8 @@ Cursor = Annotated[
         description="`next_cursor` of the previous page; omit for the first page.",
     ),
 ]
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 Key = TypeVar("Key", int, str)
 Item = TypeVar("Item")
@@ -56,6 +59,9 @@ def decode_cursor(cursor: str | None, key_type: type[Key]) -> Key | None:
     # bool is an int subclass, and keys beyond 64 bits match no row: both are tampering.
     valid = isinstance(key, key_type) and not isinstance(key, bool)
     if valid and isinstance(key, int) and not -(2**63) <= key < 2**63:
+        valid = False
+    # a forged string key no database can compare (NUL on PostgreSQL, unpaired surrogates)
+    if valid and isinstance(key, str) and (len(key) > 256 or _UNSTORABLE.search(key)):
         valid = False
     if not valid:
         raise InvalidInput(

@@ -48,6 +48,11 @@ class ServiceMetrics:
             "whether the user was personalised.",
             ["model", "personalized"], registry=self.registry,
         )
+        self.rate_limited = Counter(
+            "nme_rate_limited", "Requests refused with 429 by the per-key rate limit, by the "
+            "scope charged (predict, ingest, admin, read) and the key's name.",
+            ["scope", "key"], registry=self.registry,
+        )
         self._counts: dict[str, list[int]] = {}  # model -> [personalised, total]
         self._lock = threading.Lock()
         self.registry.register(_RatioCollector(self))
@@ -63,6 +68,10 @@ class ServiceMetrics:
             counts = self._counts.setdefault(model, [0, 0])
             counts[0] += personalized
             counts[1] += total
+
+    def count_rate_limited(self, scope: str, key: str) -> None:
+        """Record one request refused by the rate limit."""
+        self.rate_limited.labels(scope, key).inc()
 
     def ratios(self) -> dict[str, float]:
         """Share of personalised predictions per model since the process started."""

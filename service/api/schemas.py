@@ -6,23 +6,132 @@ the model's feature schema live in ``service.validation``.
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    model_validator,
+)
 
 FLOAT32_MAX = 3.4028234663852886e38
 """The largest finite float32: models compute in float32, so larger numbers become inf."""
 
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", examples=["mood"])]
-UserId = Annotated[str, Field(min_length=1, max_length=128, examples=["u1"])]
-Name = Annotated[str, Field(min_length=1, max_length=64)]
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_ID = 2**31 - 1
+"""Largest job id or version number: both are 32-bit integer columns."""
+MAX_USER_ID_LENGTH = 128
+
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _printable(value: str) -> str:
+    """Refuse control characters (Unicode category Cc, NUL included) and unpaired surrogates:
+    PostgreSQL cannot store NUL, no database can store a lone surrogate, and neither belongs in
+    a name."""
+    found = _CONTROL_OR_SURROGATE.search(value)
+    if found is not None:
+        kind = "an unpaired surrogate" if found.group() >= "\ud800" else "a control character"
+        raise ValueError(
+            f"must not contain {kind} (U+{ord(found.group()):04X} at position {found.start()})"
+        )
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if value.isspace():
+        raise ValueError("must not be only whitespace")
+    return value
+
+
+def _user_id(value: str) -> str:
+    """The user-id rule (docs/service.md, "User ids"); length is checked before this."""
+    _printable(value)
+    _not_blank(value)
+    if "/" in value:
+        raise ValueError("must not contain '/' (a user id is one segment of a URL path)")
+    if value in (".", ".."):
+        raise ValueError("must not be '.' or '..' (URL clients rewrite such path segments)")
+    return value
+
+
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, examples=["mood"])]
+UserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_USER_ID_LENGTH,
+        description="The app's user id: 1–128 characters, no control characters, no unpaired "
+        "surrogates, not only whitespace, no `/`, not `.` or `..`; compared exactly (case and "
+        "Unicode form matter).",
+        examples=["u1"],
+    ),
+    AfterValidator(_user_id),
+]
+Name = Annotated[
+    str, Field(min_length=1, max_length=64), AfterValidator(_printable), AfterValidator(_not_blank)
+]
+SequenceId = Annotated[
+    str,
+    Field(min_length=1, max_length=128),
+    AfterValidator(_printable),
+    AfterValidator(_not_blank),
+]
+PLACEMENTS = ("last", "all", "none", "T", "last+T", "all+T")
+_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.]{1,100}")
+MAX_PLACEMENT_NAMES = 64
+
+
+def _placement(value: Any) -> str | list[str]:
+    """A placement keyword, or 1–64 parameter names (exact, or a dotted suffix): names only,
+    never regular expressions, so a definition cannot make the server backtrack for ever."""
+    if isinstance(value, str):
+        if value in PLACEMENTS:
+            return value
+        raise ValueError(
+            f"must be one of {', '.join(PLACEMENTS)} or a list of parameter names"
+        )
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PLACEMENT_NAMES:
+        raise ValueError(f"must be a keyword or a list of 1–{MAX_PLACEMENT_NAMES} parameter names")
+    for name in value:
+        if not isinstance(name, str) or _PARAMETER_NAME.fullmatch(name) is None:
+            raise ValueError(
+                "parameter names are 1–100 characters of letters, digits, '_' and '.' "
+                "(e.g. layers.0.weight or 0.weight)"
+            )
+    return list(value)
+
+
+Placement = Annotated[
+    str | list[str],
+    PlainValidator(_placement),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "enum": list(PLACEMENTS)},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,100}$"},
+                    "minItems": 1,
+                    "maxItems": MAX_PLACEMENT_NAMES,
+                },
+            ]
+        }
+    ),
+]
 # strict: "1.5" and true are type errors, not silently coerced; NaN and ±inf are refused.
 FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Features = Annotated[
     dict[str, FeatureValue],
     Field(examples=[{"typing_speed": 1.2, "screen_minutes": 310.0, "km": 4.5}]),
 ]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
@@ -51,19 +160,25 @@ class ArchitectureSpec(Strict):
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
         default=None, max_length=8, description="Hidden layer sizes."
     )
-    placement: str | list[str] | None = Field(
+    placement: Placement | None = Field(
         default=None,
-        description="`last`, `all`, or parameter names; sequence models also `T`, `last+T`, "
-        "`all+T`, `none`.",
+        description="`last`, `all`, or a list of parameter names (exact, or a dotted suffix "
+        "such as `0.weight`); sequence models also `T`, `last+T`, `all+T`, `none`. Checked "
+        "against the network when the model is created.",
     )
-    method: Literal["generic", "specific", "unme", "nme", "mlp-lme"] | None = None
+    method: Literal["generic", "specific", "unme", "nme"] | None = Field(
+        default=None,
+        description="`nme` (θ̄ + θⁱ with the prior), `unme` (no prior), `generic` (θ̄ only), "
+        "`specific` (θⁱ only). The library's `mlp-lme` baseline is not served.",
+    )
     activation: Literal["relu", "tanh", "gelu"] | None = None
-    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    dropout: Finite | None = Field(default=None, ge=0.0, lt=1.0)
     learn_start_end: bool | None = Field(
         default=None, description="Sequence models: learn start/end scores (else uniform)."
     )
     forbidden_transitions: list[tuple[Name, Name]] | None = Field(
         default=None,
+        max_length=10_000,
         description="Sequence models: `[from_state, to_state]` pairs that never occur; training "
         "and decoding respect them.",
     )
@@ -73,14 +188,20 @@ class TrainingSpec(Strict):
     """Optimiser and stopping hyper-parameters (omitted: the estimator's defaults)."""
 
     max_epochs: int | None = Field(default=None, ge=1, le=10_000)
-    lr: float | None = Field(default=None, gt=0.0, le=1.0)
-    weight_decay: float | None = Field(default=None, ge=0.0)
+    lr: Finite | None = Field(default=None, gt=0.0, le=1.0)
+    weight_decay: Finite | None = Field(default=None, ge=0.0, le=1.0)
     batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
-    patience: int | None = Field(default=None, ge=1)
-    anneal: float | None = Field(
-        default=None, gt=0.0, lt=1.0, description="Σ annealing factor α; null: plain EM."
+    patience: int | None = Field(default=None, ge=1, le=10_000)
+    anneal: Finite | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="Σ annealing factor α in (0, 1); an explicit null is the plain M-step "
+        "(no annealing); omitted: the estimator's default (0.8).",
     )
-    random_state: int | None = Field(default=None, description="Seed (the service uses 0).")
+    random_state: int | None = Field(
+        default=None, ge=0, le=2**32 - 1, description="Seed (omitted or null: 0)."
+    )
 
 
 class ModelCreate(Strict):
@@ -106,8 +227,8 @@ class ModelCreate(Strict):
     name: ModelName
     task: Literal["regression", "classification", "sequence"]
     features: list[Name] = Field(min_length=1, max_length=10_000)
-    classes: list[Name] | None = None
-    states: list[Name] | None = None
+    classes: list[Name] | None = Field(default=None, max_length=1_000)
+    states: list[Name] | None = Field(default=None, max_length=1_000)
     architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     label_range: tuple[FeatureValue, FeatureValue] | None = Field(
@@ -138,8 +259,6 @@ class ModelCreate(Strict):
                 raise ValueError("label_range must be [low, high] with low < high")
             if max(abs(low), abs(high)) > FLOAT32_MAX:
                 raise ValueError("label_range must lie within float32's finite range")
-        if self.architecture.method == "mlp-lme" and self.task != "regression":
-            raise ValueError("method mlp-lme is for regression models only")
         sequence_only = ("learn_start_end", "forbidden_transitions")
         if self.task != "sequence" and any(getattr(self.architecture, f) for f in sequence_only):
             raise ValueError("learn_start_end and forbidden_transitions are for sequence models")
@@ -369,7 +488,7 @@ class SequenceCreate(Strict):
     """One sequence of segments with optional per-segment state labels."""
 
     user_id: UserId
-    sequence_id: Annotated[str, Field(min_length=1, max_length=128)]
+    sequence_id: SequenceId
     segments: list[SegmentIn] = Field(min_length=1)
     labels: list[Name] | None = Field(
         default=None,

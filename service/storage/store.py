@@ -225,8 +225,22 @@ def add_version(
     return row
 
 
+def lock_model(session: Session, *, model_id: int) -> None:
+    """Hold the model's row lock until the transaction ends (``SELECT … FOR UPDATE`` on
+    PostgreSQL; SQLite serialises writers anyway): activations of one model run one by one."""
+    session.execute(select(Model.id).where(Model.id == model_id).with_for_update())
+
+
 def activate_version(session: Session, *, version: ModelVersion) -> ModelVersion:
-    """Make ``version`` the model's active one; the previously active one becomes ``ready``."""
+    """Make ``version`` the model's active one; the previously active one becomes ``ready``.
+
+    Locks the model's row first (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite serialises
+    writers anyway), so two concurrent activations of one model run one after the other and the
+    second demotes what the first activated, instead of both passing the demotion and colliding
+    on the one-active index.
+    """
+    lock_model(session, model_id=version.model_id)
+    session.refresh(version)  # what the transaction that held the lock may have changed
     # Demote first and flush: the partial unique index allows one active row per model.
     session.execute(
         update(ModelVersion)
@@ -250,8 +264,22 @@ def activate_version(session: Session, *, version: ModelVersion) -> ModelVersion
 
 
 def get_user(session: Session, *, external_id: str) -> User | None:
-    """The user with the app's id ``external_id``."""
+    """The user with the app's id ``external_id``.
+
+    Any string may be looked up, also one no database could store (a NUL on PostgreSQL, an
+    unpaired surrogate anywhere): that user does not exist.
+    """
+    if not storable_text(session, external_id):
+        return None
     return session.scalar(select(User).where(User.external_id == external_id))
+
+
+def storable_text(session: Session, text: str) -> bool:
+    """Whether the database could hold ``text`` (PostgreSQL refuses NUL; UTF-8 refuses
+    unpaired surrogates). SQLite stores NUL, and ids stored that way stay reachable there."""
+    if any("\ud800" <= char <= "\udfff" for char in text):
+        return False
+    return "\x00" not in text or session.get_bind().dialect.name != "postgresql"
 
 
 def ensure_users(session: Session, *, external_ids: Iterable[str]) -> dict[str, int]:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import migrate
 from service.app import create_app
-from service.config import Settings
+from service.config import RateLimits, Settings
 from service.db import make_engine, make_session_factory
 from service.storage.keys import create_key
 from service.storage.tables import Base
@@ -140,6 +140,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         max_batch=1000,
         auth_cache_seconds=0.0,
         torch_threads=0,  # leave torch's process-wide setting alone for the other test suites
+        rate_limits=RateLimits(enabled=False),  # tests/service/test_rate_limits.py turns them on
     )
 
 

@@ -27,7 +27,7 @@ from service.learning.champion import decide
 from service.learning.kinds.tabular import gross_outliers
 from service.learning.serving import Predictor
 from service.learning.user_update import fit_user, write_user_fit
-from service.storage import retention, store
+from service.storage import retention
 from service.storage.tables import (
     Job,
     Model,
@@ -713,7 +713,6 @@ def test_healthz_is_not_blocked_by_a_predict_waiting_on_the_database(
 
     from sqlalchemy import text
 
-    store.get_model  # noqa: B018 (the predict path reads the models table)
     with engine.connect() as locker:
         locker.execute(text("LOCK TABLE models IN ACCESS EXCLUSIVE MODE"))
         result: dict[str, Any] = {}

@@ -195,16 +195,20 @@ class Traffic:
     non_finite: list[str] = field(default_factory=list)
 
     def call(self, method: str, path: str, role: str, **kwargs: object) -> httpx.Response | None:
-        try:
-            response = self.client.request(
-                method, path, headers={"Authorization": f"Bearer {self.keys[role]}"},
-                timeout=60, **kwargs,
-            )
-        except httpx.TransportError as err:
-            if not self.outage:
-                self.unexpected.append(f"{method} {path}: {err!r}")
-            return None
-        self.statuses[response.status_code] += 1
+        for _ in range(20):  # a rate-limited call waits as Retry-After says, like a real app
+            try:
+                response = self.client.request(
+                    method, path, headers={"Authorization": f"Bearer {self.keys[role]}"},
+                    timeout=60, **kwargs,
+                )
+            except httpx.TransportError as err:
+                if not self.outage:
+                    self.unexpected.append(f"{method} {path}: {err!r}")
+                return None
+            self.statuses[response.status_code] += 1
+            if response.status_code != 429:
+                break
+            time.sleep(float(response.headers.get("retry-after", "1")))
         if response.status_code >= 500 and not (self.outage and response.status_code == 503):
             self.unexpected.append(f"{method} {path} → {response.status_code}: {response.text}")
         return response

@@ -12,7 +12,7 @@ from typing import Literal
 from fastapi import APIRouter, status
 from sqlalchemy.orm import Session
 
-from service.api.deps import AdminKey, ModelDep, SessionDep, SettingsDep
+from service.api.deps import AdminKey, JobId, ModelDep, SessionDep, SettingsDep
 from service.api.paging import DEFAULT_LIMIT, Cursor, Limit, decode_cursor, split_page
 from service.api.schemas import JobCreate, JobEnvelope, JobPublic, JobsPublic
 from service.errors import Conflict, NotFound
@@ -113,7 +113,7 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
-def get_job(_key: AdminKey, job_id: int, session: SessionDep) -> JobPublic:
+def get_job(_key: AdminKey, job_id: JobId, session: SessionDep) -> JobPublic:
     """One job's status, attempts, progress, result version and error."""
     rows = store.job_rows(session, job_id=job_id, limit=1)
     if not rows:

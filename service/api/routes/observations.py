@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import IngestKey, ModelDep, SessionDep, SettingsDep
+from service.api.limits import check_items
 from service.api.schemas import IngestPublic, ObservationsCreate
 from service.jobs.triggers import queue_user_updates
 from service.learning.ingest import ingest_observations
@@ -22,6 +23,7 @@ def post_observations(
 ) -> IngestPublic:
     """Insert or update observations; resending identical data changes nothing. Users whose
     labels changed get a background per-user update (see docs/service.md)."""
+    check_items(body.items, settings)
     counts = ingest_observations(
         session, model=model, items=body.items, max_batch=settings.max_batch
     )

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import MetricsDep, PredictKey, PredictorDep, SessionDep, SettingsDep
+from service.api.deps import (
+    MetricsDep,
+    ModelNameParam,
+    PredictKey,
+    PredictorDep,
+    SessionDep,
+    SettingsDep,
+)
+from service.api.limits import check_items
 from service.api.schemas import PredictionPublic, PredictionsPublic, PredictRequest
 from service.errors import Conflict, NotFound
 from service.learning.kinds import kind_of
@@ -22,7 +30,7 @@ router = APIRouter(prefix="/v1/models", tags=["predict"])
 @router.post("/{name}/predict", response_model=PredictionsPublic)
 def predict(
     _key: PredictKey,
-    name: str,
+    name: ModelNameParam,
     body: PredictRequest,
     session: SessionDep,
     settings: SettingsDep,
@@ -32,6 +40,7 @@ def predict(
     """Per user: the prediction on the label's scale (class and probabilities for
     classification) and whether the user was personalised; one forward pass per request."""
     check_batch_size(len(body.items), settings.max_batch)
+    check_items(body.items, settings)
     found = store.get_model_with_active_version(session, name=name)
     if found is None:
         raise NotFound(f"model {name!r} not found")

@@ -8,11 +8,13 @@ from service.api.deps import (
     IngestKey,
     MetricsDep,
     ModelDep,
+    ModelNameParam,
     PredictKey,
     PredictorDep,
     SessionDep,
     SettingsDep,
 )
+from service.api.limits import check_sequences
 from service.api.schemas import DecodePublic, DecodeRequest, IngestPublic, SequencesCreate
 from service.errors import Conflict, NotFound
 from service.jobs.triggers import queue_user_updates
@@ -34,6 +36,11 @@ def post_sequences(
     settings: SettingsDep,
 ) -> IngestPublic:
     """Insert or update labelled sequences keyed on (user, sequence_id)."""
+    check_sequences(
+        [item.segments for item in body.items],
+        [["body", "items", i, "segments"] for i in range(len(body.items))],
+        settings,
+    )
     counts = ingest_sequences(session, model=model, items=body.items, max_batch=settings.max_batch)
     if settings.user_updates_on_ingest:
         queue_user_updates(
@@ -46,7 +53,7 @@ def post_sequences(
 @router.post("/{name}/decode", response_model=DecodePublic)
 def decode(
     _key: PredictKey,
-    name: str,
+    name: ModelNameParam,
     body: DecodeRequest,
     session: SessionDep,
     settings: SettingsDep,
@@ -54,6 +61,7 @@ def decode(
     metrics: MetricsDep,
 ) -> DecodePublic:
     """The most likely state path for one user's sequence, with θ̄ + θⁱ of that user."""
+    check_sequences([body.segments], [["body", "segments"]], settings)
     check_batch_size(len(body.segments), settings.max_batch)
     found = store.get_model_with_active_version(session, name=name)
     if found is None:

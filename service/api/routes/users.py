@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from service.api.deps import AdminKey, ModelDep, PredictKey, PredictorDep, SessionDep
+from service.api.deps import (
+    AdminKey,
+    ModelDep,
+    PredictKey,
+    PredictorDep,
+    SessionDep,
+    UserIdParam,
+)
 from service.api.schemas import UserModelPublic
 from service.errors import NotFound
 from service.learning.serving import user_summary
@@ -14,11 +21,11 @@ from service.storage.codec import decode_effects
 router = APIRouter(prefix="/v1", tags=["users"])
 
 
-@router.get("/models/{name}/users/{user_id}", response_model=UserModelPublic)
+@router.get("/models/{name}/users/{user_id:path}", response_model=UserModelPublic)
 def get_user(
     _key: PredictKey,
     model: ModelDep,
-    user_id: str,
+    user_id: UserIdParam,
     session: SessionDep,
     predictor: PredictorDep,
 ) -> UserModelPublic:
@@ -51,8 +58,8 @@ def get_user(
     )
 
 
-@router.delete("/users/{user_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_user(_key: AdminKey, user_id: str, session: SessionDep) -> Response:
+@router.delete("/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_user(_key: AdminKey, user_id: UserIdParam, session: SessionDep) -> Response:
     """Forget a user: observations, sequences and θⁱ rows in every model and version."""
     user = store.get_user(session, external_id=user_id)
     if user is None:

@@ -52,6 +52,67 @@ TRAINING_KEYS = (
 SERVICE_DEFAULTS = {"random_state": 0}
 """Where the service deliberately differs from the estimators: refits are reproducible."""
 
+NULL_MEANS_NONE = frozenset({"anneal"})
+"""Settings whose explicit null is a value of its own (``anneal: null`` is the plain M-step);
+for every other setting null means "the default", like leaving it out."""
+
+
+@dataclass(frozen=True)
+class ParameterBudget:
+    """The largest network a model definition may ask for (``NME_MAX_GENERIC_PARAMETERS``,
+    ``NME_MAX_PERSON_PARAMETERS``)."""
+
+    max_generic: int
+    max_person: int
+
+    def check(self, *, generic: int, person: int) -> None:
+        """422 naming ``hidden`` (θ̄ too large) or ``placement`` (θⁱ per user too large)."""
+        if generic > self.max_generic:
+            raise InvalidInput(
+                [
+                    invalid(
+                        ["body", "architecture", "hidden"],
+                        f"the network has {generic:,} generic parameters (θ̄); at most "
+                        f"{self.max_generic:,} are allowed (NME_MAX_GENERIC_PARAMETERS): use "
+                        "fewer or narrower hidden layers, or fewer features",
+                        "parameter_budget",
+                    )
+                ]
+            )
+        if person > self.max_person:
+            raise InvalidInput(
+                [
+                    invalid(
+                        ["body", "architecture", "placement"],
+                        f"this placement gives every user {person:,} person-specific parameters "
+                        f"(θⁱ, {person * 4:,} bytes per user); at most {self.max_person:,} are "
+                        "allowed (NME_MAX_PERSON_PARAMETERS): place θⁱ on fewer layers "
+                        "(e.g. last) or narrow them",
+                        "parameter_budget",
+                    )
+                ]
+            )
+
+
+_SETTING_FIELDS = {
+    **{key: "architecture" for key in ARCHITECTURE_KEYS},
+    **{key: "training" for key in TRAINING_KEYS},
+    "learn_start_end": "architecture",
+}
+
+
+def _field_of(message: str) -> list[str | int]:
+    """The request field an estimator's ``ValueError`` is about (its messages start with the
+    parameter's name; placement and transition problems are recognised by their wording)."""
+    first = message.split(" ", 1)[0]
+    if first in _SETTING_FIELDS:
+        return ["body", _SETTING_FIELDS[first], first]
+    if "placement" in message or "start/end" in message:
+        return ["body", "architecture", "placement"]
+    if "allowed" in message or "transition" in message:
+        return ["body", "architecture", "forbidden_transitions"]
+    return ["body", "architecture"]
+
 VALIDATION_FRACTION = 0.2
 """Each user's last 20 % of labels (in time order) validate; the rest train."""
 
@@ -217,12 +278,29 @@ class ModelKind(ABC):
     # ------------------------------------------------------------------ definition
 
     def resolve_settings(
-        self, architecture: dict[str, Any], training: dict[str, Any]
+        self,
+        architecture: dict[str, Any],
+        training: dict[str, Any],
+        *,
+        n_features: int,
+        labels: list[str] | None,
+        budget: ParameterBudget | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Fill the settings a client left out (None) with the estimator's defaults.
+        """Fill the settings a client left out with the estimator's defaults, then check them by
+        building the network.
 
-        Returns ``(architecture, training)`` with every key set, and checks that the estimator
-        accepts them (422 naming the problem otherwise).
+        Args:
+            architecture, training: the settings the client *sent* (``model_fields_set``): an
+                omitted key, or null for a key that has no null meaning, takes the default;
+                an explicit null for a key in :data:`NULL_MEANS_NONE` (``anneal``) is kept.
+            n_features: the model's number of features.
+            labels: its classes (classification) or states (sequence); None for regression.
+            budget: most generic and person-specific parameters allowed (None: no limit).
+
+        Returns ``(architecture, training)`` with every key set. Raises a 422 naming the field
+        when the estimator refuses a setting, a placement names no parameter of the network, or
+        the network exceeds the budget. The network is built on PyTorch's ``meta`` device: its
+        shapes are real, its memory is not allocated.
         """
         signature = inspect.signature(self.estimator_class.__init__)
         defaults = {
@@ -237,22 +315,36 @@ class ModelKind(ABC):
             out = {}
             for key in keys:
                 value = values.get(key)
-                out[key] = defaults[key] if value is None else value
+                keep_null = key in NULL_MEANS_NONE and key in values
+                out[key] = defaults[key] if value is None and not keep_null else value
                 if isinstance(out[key], tuple):
                     out[key] = list(out[key])  # JSON-friendly
             return out
 
         resolved = fill(architecture, self.architecture_keys), fill(training, TRAINING_KEYS)
+        states = labels if self.task == "sequence" else None
         try:
-            self.estimator_class(**self._estimator_kwargs(*resolved, states=None))
+            estimator = self.estimator_class(**self._estimator_kwargs(*resolved, states=states))
+            with torch.device("meta"):  # shapes only: no memory, however large the network
+                self._set_outputs(estimator, labels)
+                network = estimator._build(n_features, 1)
         except (TypeError, ValueError) as err:
-            raise InvalidInput([invalid(["body", "architecture"], str(err))]) from err
+            raise InvalidInput([invalid(_field_of(str(err)), str(err))]) from err
+        if budget is not None:
+            budget.check(
+                generic=sum(p.numel() for p in network.base.parameters()),
+                person=network.layout.dim,
+            )
         return resolved
 
     def build_estimator(self, model: Model, *, device: str) -> Estimator:
         """An unfitted estimator configured from the model's stored settings."""
         kwargs = self._estimator_kwargs(model.architecture, model.training, model.states)
         return self.estimator_class(**kwargs, device=device, verbose=False)
+
+    def _set_outputs(self, estimator: Any, labels: list[str] | None) -> None:  # noqa: B027
+        """Give an unfitted estimator what fitting would learn about its outputs (classes or
+        states), so that its network can be built before any data exists."""
 
     def _extra_defaults(self) -> dict[str, Any]:
         """Defaults of settings the estimator's signature does not state as such."""

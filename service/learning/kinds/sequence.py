@@ -86,6 +86,9 @@ class SequenceKind(ModelKind):
     def _extra_defaults(self) -> dict[str, Any]:
         return {"forbidden_transitions": None}
 
+    def _set_outputs(self, estimator: Any, labels: list[str] | None) -> None:
+        estimator.states_ = list(labels or [])
+
     def _estimator_kwargs(
         self, architecture: dict[str, Any], training: dict[str, Any], states: list[str] | None
     ) -> dict[str, Any]:

@@ -374,6 +374,9 @@ class ClassificationKind(TabularKind):
     estimator_class = NMEClassifier
     score_name = "accuracy"
 
+    def _set_outputs(self, estimator: Any, labels: list[str] | None) -> None:
+        estimator.classes_ = list(labels or [])
+
     def label_error(self, model: Model, label: float | str) -> str | None:
         if label in (model.classes or []):
             return None
