@@ -1,9 +1,10 @@
-"""``nme-service serve | migrate | create-key | revoke-key | refit | demo | worker``."""
+"""``nme-service serve | migrate | create-key | list-keys | revoke-key | refit | demo | worker``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from sqlalchemy.orm import Session
 
 from service import migrate
+from service.api.schemas import MODEL_NAME_PATTERN
 from service.auth import parse_scopes
 from service.config import Settings
 from service.db import make_engine, make_session_factory
@@ -49,14 +51,53 @@ def cmd_create_key(settings: Settings, args: argparse.Namespace) -> int:
     from service.storage.keys import create_key
 
     scopes = parse_scopes(args.scopes)
+    models = parse_models(args.models) if args.models is not None else None
     with _session(settings) as session:
-        key = create_key(session, name=args.name, scopes=scopes)
+        key = create_key(session, name=args.name, scopes=scopes, models=models)
         session.commit()
     print(key)
+    reach = f"models {','.join(models)}" if models is not None else "every model"
     print(
-        f"# key {args.name!r} with scopes {','.join(scopes)}: store it now, it is shown once",
+        f"# key {args.name!r} with scopes {','.join(scopes)} for {reach}: store it now, "
+        "it is shown once",
         file=sys.stderr,
     )
+    return 0
+
+
+def parse_models(text: str) -> list[str]:
+    """``"mood,affect"`` → model names (each must be a valid model name)."""
+    names = sorted({part.strip() for part in text.split(",") if part.strip()})
+    bad = [name for name in names if re.fullmatch(MODEL_NAME_PATTERN, name) is None]
+    if not names or bad:
+        raise ServiceError(
+            f"--models needs comma-separated model names; not a model name: {', '.join(bad)}"
+            if bad else "--models needs at least one model name"
+        )
+    return names
+
+
+def cmd_list_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Print every key's prefix, name, scopes, models and state (never the key itself)."""
+    from service.storage import store
+
+    with _session(settings) as session:
+        keys = store.list_api_keys(session)
+    rows = [("PREFIX", "NAME", "SCOPES", "MODELS", "CREATED", "REVOKED")]
+    rows += [
+        (
+            key.prefix,
+            key.name,
+            ",".join(sorted(key.scopes)),
+            ",".join(key.models) if key.models is not None else "*",
+            f"{key.created_at:%Y-%m-%d %H:%M}",
+            f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-",
+        )
+        for key in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     return 0
 
 
@@ -189,7 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create-key", help="create an API key and print it once")
     create.add_argument("--name", required=True)
     create.add_argument("--scopes", required=True, help="comma-separated: predict,ingest,admin")
+    create.add_argument(
+        "--models",
+        help="comma-separated model names the key may reach (default: every model); a scoped "
+        "admin key manages its models but cannot create models, read /metrics or forget a user "
+        "everywhere",
+    )
     create.set_defaults(func=cmd_create_key)
+    listing = sub.add_parser("list-keys", help="list API keys: scopes, models, revoked?")
+    listing.set_defaults(func=cmd_list_keys)
 
     revoke = sub.add_parser("revoke-key", help="revoke an API key")
     revoke.add_argument("key", help="the key itself or its prefix (the part after nme_)")

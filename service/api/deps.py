@@ -97,10 +97,26 @@ def require_scope(scope: str) -> Callable[[Principal], Coroutine[Any, Any, Princ
 
 authenticate.required_scope = "read"  # type: ignore[attr-defined]
 
+async def require_unscoped_admin(
+    principal: Annotated[Principal, Depends(require_scope("admin"))],
+) -> Principal:
+    """An admin key that reaches every model (403 for a key limited to named models): the
+    routes that act beyond one model — creating models, /metrics, forgetting a user everywhere."""
+    if principal.scoped:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "this API key is limited to named models; this route needs an unscoped admin key",
+        )
+    return principal
+
+
+require_unscoped_admin.required_scope = "admin"  # type: ignore[attr-defined]
+
 AnyKey = Annotated[Principal, Depends(authenticate)]
 PredictKey = Annotated[Principal, Depends(require_scope("predict"))]
 IngestKey = Annotated[Principal, Depends(require_scope("ingest"))]
 AdminKey = Annotated[Principal, Depends(require_scope("admin"))]
+UnscopedAdminKey = Annotated[Principal, Depends(require_unscoped_admin)]
 
 
 # ---------------------------------------------------------------------------------- path parameters
@@ -127,8 +143,20 @@ UserIdParam = Annotated[
 # ---------------------------------------------------------------------------------- models
 
 
-def get_model(name: ModelNameParam, session: SessionDep) -> Model:
-    """The model named in the path, or 404."""
+def check_model_access(principal: Principal, name: str) -> None:
+    """404 — the same answer as for a model that does not exist — when the key is limited to
+    other models: a scoped key does not learn that a model exists."""
+    if not principal.may_use(name):
+        raise NotFound(f"model {name!r} not found")
+
+
+def get_model(
+    name: ModelNameParam,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> Model:
+    """The model named in the path, or 404 (also when the key may not reach it)."""
+    check_model_access(principal, name)
     model = store.get_model(session, name=name)
     if model is None:
         raise NotFound(f"model {name!r} not found")
@@ -136,3 +164,15 @@ def get_model(name: ModelNameParam, session: SessionDep) -> Model:
 
 
 ModelDep = Annotated[Model, Depends(get_model)]
+
+
+def reachable_model_name(
+    name: ModelNameParam, principal: Annotated[Principal, Depends(authenticate)]
+) -> str:
+    """The model name in the path, once the key may reach it (404 otherwise), checked before
+    the body is validated: a scoped key learns nothing about other apps' models."""
+    check_model_access(principal, name)
+    return name
+
+
+ReachableModelName = Annotated[str, Depends(reachable_model_name)]

@@ -54,6 +54,17 @@ class Principal:
     name: str
     scopes: frozenset[str]
     prefix: str = ""
+    models: frozenset[str] | None = None
+    """The model names the key may reach; None: every model."""
+
+    def may_use(self, model_name: str) -> bool:
+        """Whether the key reaches the model called ``model_name``."""
+        return self.models is None or model_name in self.models
+
+    @property
+    def scoped(self) -> bool:
+        """Whether the key is limited to named models."""
+        return self.models is not None
 
 
 class KeyCache:
@@ -122,7 +133,13 @@ def _look_up(session_factory: sessionmaker[Session], token: str) -> Principal:
         raise unauthorized("invalid API key")
     if key.revoked_at is not None:
         raise unauthorized("this API key was revoked")
-    return Principal(key_id=key.id, name=key.name, scopes=frozenset(key.scopes), prefix=prefix)
+    return Principal(
+        key_id=key.id,
+        name=key.name,
+        scopes=frozenset(key.scopes),
+        prefix=prefix,
+        models=frozenset(key.models) if key.models is not None else None,
+    )
 
 
 # ---------------------------------------------------------------------------------- rate limits

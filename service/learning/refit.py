@@ -35,7 +35,7 @@ from service.learning.kinds.base import Callback, non_finite_parts, temporal_spl
 from service.storage import store
 from service.storage.artifacts import ArtifactCorrupt, remove_artifact, write_artifact
 from service.storage.codec import encode_effects
-from service.storage.tables import Model, ModelVersion, User
+from service.storage.tables import Model, ModelVersion
 
 __all__ = [
     "ActivationRule",
@@ -158,9 +158,10 @@ def record_version(session: Session, trained: TrainedVersion) -> ModelVersion:
         n_observations=data.n_observations,
         trained_until=data.read_at,
     )
-    # Users forgotten while the model trained must not come back through their θⁱ.
+    # Users forgotten while the model trained (everywhere, or in this model) must not come
+    # back through their θⁱ.
     wanted = [data.user_row_ids[str(p)] for p in estimator.person_ids_]
-    alive = set(session.scalars(select(User.id).where(User.id.in_(wanted))))
+    alive = store.users_with_data(session, model_id=trained.model.id, user_ids=wanted)
     counts: dict[str, int] = {}
     for person in data.persons_train:
         counts[person] = counts.get(person, 0) + 1

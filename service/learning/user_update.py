@@ -54,6 +54,7 @@ class UserFit:
 
     outcome: UserUpdateOutcome
     version_id: int | None
+    model_id: int
     user_id: int
     theta: np.ndarray | None
     read_updated_at: datetime | None = None
@@ -77,7 +78,7 @@ def fit_user(
         version = store.get_active_version(session, model_id=model_id)
         if version is None:
             outcome = UserUpdateOutcome(None, 0, 0.0, "skipped: the model has no active version")
-            return UserFit(outcome, None, user_id, None)
+            return UserFit(outcome, None, model_id, user_id, None)
         loaded = predictor.load(version)
         data = kind_of(model).user_data(
             session, model=model, user_id=user_id, estimator=loaded.estimator
@@ -90,14 +91,14 @@ def fit_user(
         outcome = UserUpdateOutcome(
             number, 0, time.perf_counter() - started, "skipped: the user has no usable labels"
         )
-        return UserFit(outcome, None, user_id, None)
+        return UserFit(outcome, None, model_id, user_id, None)
     with loaded.lock:
         theta = loaded.estimator.fit_person(*data.inputs, init=init)  # (d,)
     outcome = UserUpdateOutcome(
         number, data.n, time.perf_counter() - started,
         f"θⁱ of version {number} re-fitted on {data.n} labels",
     )
-    return UserFit(outcome, version_id, user_id, np.asarray(theta), read_updated_at)
+    return UserFit(outcome, version_id, model_id, user_id, np.asarray(theta), read_updated_at)
 
 
 def write_user_fit(session: Session, fit: UserFit) -> UserUpdateOutcome:
@@ -109,7 +110,7 @@ def write_user_fit(session: Session, fit: UserFit) -> UserUpdateOutcome:
     """
     if fit.theta is None or fit.version_id is None:
         return fit.outcome
-    if store.get_user_by_id(session, user_id=fit.user_id) is None:
+    if not store.users_with_data(session, model_id=fit.model_id, user_ids=[fit.user_id]):
         return fit.outcome  # forgotten while we fitted: no row must bring them back
     written = store.replace_person_param(
         session,

@@ -10,10 +10,24 @@ from service.auth import generate_key, key_prefix
 from service.storage import store
 
 
-def create_key(session: Session, *, name: str, scopes: Sequence[str]) -> str:
-    """Store a new key's hash and return the plaintext (the only time it exists)."""
+def create_key(
+    session: Session,
+    *,
+    name: str,
+    scopes: Sequence[str],
+    models: Sequence[str] | None = None,
+) -> str:
+    """Store a new key's hash and return the plaintext (the only time it exists).
+
+    ``models``: the model names the key may reach (None: every model). A scoped key sees only
+    those models, gets 404 for any other one, and even with the admin scope cannot create
+    models, read ``/metrics`` or forget a user everywhere (403).
+    """
     new = generate_key()
-    store.add_api_key(session, name=name, prefix=new.prefix, key_hash=new.key_hash, scopes=scopes)
+    store.add_api_key(
+        session, name=name, prefix=new.prefix, key_hash=new.key_hash, scopes=scopes,
+        models=models,
+    )
     return new.plaintext
 
 

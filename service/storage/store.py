@@ -30,13 +30,30 @@ from service.storage.tables import Sequence as SequenceRow
 
 
 def add_api_key(
-    session: Session, *, name: str, prefix: str, key_hash: str, scopes: Sequence[str]
+    session: Session,
+    *,
+    name: str,
+    prefix: str,
+    key_hash: str,
+    scopes: Sequence[str],
+    models: Sequence[str] | None = None,
 ) -> ApiKey:
-    """Store a new API key (its hash only)."""
-    key = ApiKey(name=name, prefix=prefix, key_hash=key_hash, scopes=list(scopes))
+    """Store a new API key (its hash only); ``models`` limits it to those model names."""
+    key = ApiKey(
+        name=name,
+        prefix=prefix,
+        key_hash=key_hash,
+        scopes=list(scopes),
+        models=sorted(set(models)) if models is not None else None,
+    )
     session.add(key)
     session.flush()
     return key
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    """Every key, revoked or not, oldest first."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
 
 def get_api_key(session: Session, *, prefix: str) -> ApiKey | None:
@@ -90,10 +107,17 @@ def get_model(session: Session, *, name: str) -> Model | None:
 
 
 def list_models(
-    session: Session, *, after_name: str | None = None, limit: int | None = None
+    session: Session,
+    *,
+    after_name: str | None = None,
+    limit: int | None = None,
+    names: Iterable[str] | None = None,
 ) -> list[Model]:
-    """Models by name (names after ``after_name`` only, when given: the keyset page after it)."""
+    """Models by name (names after ``after_name`` only, when given: the keyset page after it;
+    only those in ``names``, when given)."""
     statement = select(Model).order_by(Model.name)
+    if names is not None:
+        statement = statement.where(Model.name.in_(sorted(names)))
     if after_name is not None:
         statement = statement.where(Model.name > after_name)
     if limit is not None:
@@ -101,9 +125,12 @@ def list_models(
     return list(session.scalars(statement))
 
 
-def count_models(session: Session) -> int:
-    """How many models exist."""
-    return int(session.scalar(select(func.count()).select_from(Model)) or 0)
+def count_models(session: Session, *, names: Iterable[str] | None = None) -> int:
+    """How many models exist (of ``names``, when given)."""
+    statement = select(func.count()).select_from(Model)
+    if names is not None:
+        statement = statement.where(Model.name.in_(sorted(names)))
+    return int(session.scalar(statement) or 0)
 
 
 # Hot-path statements are built once: constructing a SELECT costs more Python time than
@@ -315,6 +342,40 @@ def delete_user(session: Session, *, user: User) -> None:
     session.execute(delete(User).where(User.id == user.id))
     session.expunge(user)
     session.flush()
+
+
+def forget_user_in_model(session: Session, *, model_id: int, user_id: int) -> None:
+    """Forget a user in one model: their observations, sequences, θⁱ rows in every version of
+    the model, and the model's queued jobs for them (flushes). The user row stays: other models
+    may know them."""
+    versions = select(ModelVersion.id).where(ModelVersion.model_id == model_id)
+    session.execute(
+        delete(PersonParam).where(
+            PersonParam.user_id == user_id, PersonParam.version_id.in_(versions)
+        )
+    )
+    for table in (Observation, SequenceRow):
+        session.execute(delete(table).where(table.model_id == model_id, table.user_id == user_id))
+    session.execute(
+        delete(Job).where(
+            Job.model_id == model_id, Job.user_id == user_id, Job.status == "queued"
+        )
+    )
+    session.flush()
+
+
+def users_with_data(session: Session, *, model_id: int, user_ids: Sequence[int]) -> set[int]:
+    """Which of ``user_ids`` still have observations or sequences in the model."""
+    found: set[int] = set()
+    for table in (Observation, SequenceRow):
+        found.update(
+            session.scalars(
+                select(table.user_id)
+                .where(table.model_id == model_id, table.user_id.in_(list(user_ids)))
+                .distinct()
+            )
+        )
+    return found
 
 
 def count_labels(session: Session, *, model_id: int, user_id: int) -> int:

@@ -53,7 +53,7 @@ def test_route_walk_finds_every_documented_operation(client: TestClient) -> None
 
 def test_every_route_but_health_refuses_anonymous_requests(client: TestClient) -> None:
     routes = api_routes(client)
-    assert len(routes) == 19  # + GET /v1/models/{name}/events
+    assert len(routes) == 20  # + GET …/events, DELETE /v1/models/{name}/users/{user_id}
     for method, template in routes:
         path = re.sub(r"{(\w+)}", lambda m: FILLERS[m.group(1)], template)
         response = client.request(method, path)

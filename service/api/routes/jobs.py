@@ -113,10 +113,11 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic)
-def get_job(_key: AdminKey, job_id: JobId, session: SessionDep) -> JobPublic:
-    """One job's status, attempts, progress, result version and error."""
+def get_job(key: AdminKey, job_id: JobId, session: SessionDep) -> JobPublic:
+    """One job's status, attempts, progress, result version and error (404 for a job of a
+    model the key may not reach)."""
     rows = store.job_rows(session, job_id=job_id, limit=1)
-    if not rows:
+    if not rows or not key.may_use(rows[0][1]):
         raise NotFound(f"job {job_id} not found")
     job, name, user = rows[0]
     return job_public(job, name, user)

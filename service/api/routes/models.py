@@ -12,6 +12,7 @@ from service.api.deps import (
     PredictorDep,
     SessionDep,
     SettingsDep,
+    UnscopedAdminKey,
     VersionNumber,
 )
 from service.api.limits import check_model_size
@@ -58,7 +59,7 @@ def model_public(model: Model, active_version: int | None) -> ModelPublic:
                      "for the same new name: exactly one gets the 201)."}},
 )
 def create_model(
-    _key: AdminKey, body: ModelCreate, session: SessionDep, settings: SettingsDep
+    _key: UnscopedAdminKey, body: ModelCreate, session: SessionDep, settings: SettingsDep
 ) -> ModelPublic:
     """Define a model: task, ordered features, classes/states, architecture, training.
 
@@ -97,16 +98,17 @@ def create_model(
 
 @router.get("", response_model=ModelsPublic)
 def list_models(
-    _key: AnyKey, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
+    key: AnyKey, session: SessionDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
 ) -> ModelsPublic:
-    """Models by name, with their active version (paged: see `next_cursor`)."""
+    """Models by name, with their active version (paged: see `next_cursor`). A key limited to
+    named models lists only those."""
     after = decode_cursor(cursor, str)
-    rows = store.list_models(session, after_name=after, limit=limit + 1)
+    rows = store.list_models(session, after_name=after, limit=limit + 1, names=key.models)
     models, following = split_page(rows, limit, key=lambda m: m.name)
     active = store.active_version_numbers(session, model_ids=[m.id for m in models])
     return ModelsPublic(
         data=[model_public(m, active.get(m.id)) for m in models],
-        count=store.count_models(session),
+        count=store.count_models(session, names=key.models),
         next_cursor=following,
     )
 

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Response
 
 from service.api.deps import (
     MetricsDep,
-    ModelNameParam,
     PredictKey,
     PredictorDep,
+    ReachableModelName,
     SessionDep,
     SettingsDep,
 )
@@ -30,7 +30,7 @@ router = APIRouter(prefix="/v1/models", tags=["predict"])
 @router.post("/{name}/predict", response_model=PredictionsPublic)
 def predict(
     _key: PredictKey,
-    name: ModelNameParam,
+    name: ReachableModelName,
     body: PredictRequest,
     session: SessionDep,
     settings: SettingsDep,

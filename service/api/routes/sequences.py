@@ -8,9 +8,9 @@ from service.api.deps import (
     IngestKey,
     MetricsDep,
     ModelDep,
-    ModelNameParam,
     PredictKey,
     PredictorDep,
+    ReachableModelName,
     SessionDep,
     SettingsDep,
 )
@@ -53,7 +53,7 @@ def post_sequences(
 @router.post("/{name}/decode", response_model=DecodePublic)
 def decode(
     _key: PredictKey,
-    name: ModelNameParam,
+    name: ReachableModelName,
     body: DecodeRequest,
     session: SessionDep,
     settings: SettingsDep,

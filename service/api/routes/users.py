@@ -10,6 +10,7 @@ from service.api.deps import (
     PredictKey,
     PredictorDep,
     SessionDep,
+    UnscopedAdminKey,
     UserIdParam,
 )
 from service.api.schemas import UserModelPublic
@@ -58,9 +59,27 @@ def get_user(
     )
 
 
+@router.delete(
+    "/models/{name}/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT
+)
+def forget_user_in_model(
+    _key: AdminKey, model: ModelDep, user_id: UserIdParam, session: SessionDep
+) -> Response:
+    """Forget a user in this model only: their observations, sequences and θⁱ rows in every
+    version of the model, and the model's queued jobs for them. Other models keep what they
+    know. A key limited to named models may do this for its models."""
+    user = store.get_user(session, external_id=user_id)
+    if user is None:
+        raise NotFound(f"user {user_id!r} not found")
+    store.forget_user_in_model(session, model_id=model.id, user_id=user.id)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.delete("/users/{user_id:path}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_user(_key: AdminKey, user_id: UserIdParam, session: SessionDep) -> Response:
-    """Forget a user: observations, sequences and θⁱ rows in every model and version."""
+def delete_user(_key: UnscopedAdminKey, user_id: UserIdParam, session: SessionDep) -> Response:
+    """Forget a user everywhere: observations, sequences and θⁱ rows in every model and
+    version (needs an admin key that reaches every model)."""
     user = store.get_user(session, external_id=user_id)
     if user is None:
         raise NotFound(f"user {user_id!r} not found")
