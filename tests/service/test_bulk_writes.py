@@ -1,0 +1,73 @@
+"""A refit's θⁱ rows in bulk: COPY on PostgreSQL, executemany elsewhere; identical rows either
+way, in the caller's transaction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.storage import store
+from service.storage.codec import decode_effects, encode_effects
+from service.storage.tables import PersonParam, utcnow
+
+
+@pytest.mark.parametrize("n_users", [3, store.COPY_MIN_ROWS + 7])
+def test_bulk_rows_round_trip(session_factory: sessionmaker[Session], n_users: int) -> None:
+    rng = np.random.default_rng(0)
+    effects = rng.normal(size=(n_users, 17)).astype(np.float32)  # (n, d)
+    with session_factory() as session:
+        model = store.add_model(
+            session, name="m", task="regression", features=["a"], classes=None, states=None,
+            architecture={}, training={},
+        )
+        version = store.add_version(
+            session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
+            n_users=n_users, n_observations=0, trained_until=utcnow(),
+        )
+        ids = store.ensure_users(session, external_ids=[f"u{k}" for k in range(n_users)])
+        rows = [
+            {"user_id": ids[f"u{k}"], "effects": encode_effects(effects[k]), "n_obs": k}
+            for k in range(n_users)
+        ]
+        store.add_person_params(session, version_id=version.id, rows=rows)
+        session.rollback()  # nothing escapes the caller's transaction
+        assert session.scalar(select(func.count()).select_from(PersonParam)) == 0
+    with session_factory() as session:
+        model = store.add_model(
+            session, name="m", task="regression", features=["a"], classes=None, states=None,
+            architecture={}, training={},
+        )
+        version = store.add_version(
+            session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
+            n_users=n_users, n_observations=0, trained_until=utcnow(),
+        )
+        ids = store.ensure_users(session, external_ids=[f"u{k}" for k in range(n_users)])
+        rows = [
+            {"user_id": ids[f"u{k}"], "effects": encode_effects(effects[k]), "n_obs": k}
+            for k in range(n_users)
+        ]
+        store.add_person_params(session, version_id=version.id, rows=rows)
+        session.commit()
+        stored = store.fetch_person_params(
+            session, version_id=version.id, external_ids=[f"u{k}" for k in range(n_users)]
+        )
+        n_obs = dict(session.execute(select(PersonParam.user_id, PersonParam.n_obs)).all())
+    assert len(stored) == n_users
+    for k in range(n_users):
+        np.testing.assert_array_equal(decode_effects(stored[f"u{k}"]), effects[k])
+        assert n_obs[ids[f"u{k}"]] == k
+
+
+def test_many_users_are_looked_up_in_chunks(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "ID_CHUNK", 3)  # PostgreSQL allows 65 535 parameters a statement
+    names = [f"u{k}" for k in range(10)]
+    with session_factory() as session:
+        first = store.ensure_users(session, external_ids=names[:4])
+        ids = store.ensure_users(session, external_ids=names)
+        session.commit()
+    assert sorted(ids) == sorted(names) and len(set(ids.values())) == 10
+    assert all(ids[name] == first[name] for name in names[:4])
