@@ -27,12 +27,16 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
 from nme.artifact import ArtifactError, read_artifact, write_artifact
 from nme.data import PersonIndex, Standardizer
+from nme.mlp import ACTIVATIONS
+from nme.objective import M_STEPS
 from nme.personalize import METHODS, EffectsLayout, PersonalizedModule
 from nme.persons import Gathered
-from nme.train import SquaredGrads, TrainConfig, fit_loop
+from nme.train import BATCHINGS, SquaredGrads, TrainConfig, fit_loop
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -63,9 +67,57 @@ class _Items:
     mask: torch.Tensor | None = None
 
 
-class _NMEEstimator(abc.ABC):
+class NotFitted(NotFittedError, RuntimeError):
+    """An estimator used before ``fit``: scikit-learn's ``NotFittedError`` (a ``ValueError``
+    and ``AttributeError``), and a ``RuntimeError`` as this library raised before."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_str_sequence(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, str) for v in value))
+
+
+def _check_int_sequence(name: str, value: Any, low: int) -> None:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of integers, got {value!r}")
+    items = list(value)
+    if not all(_is_int(v) and v >= low for v in items):
+        raise ValueError(f"{name} must be a sequence of integers >= {low}, got {value!r}")
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)) and np.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f" in {lo}, {hi}" if lo and hi else f" {'>' if low_open else '>='} {low:g}" \
+            if lo else ""
+        raise ValueError(f"{name} must be a number{where}, got {value!r}")
+
+
+class _NMEEstimator(BaseEstimator, abc.ABC):
     """Shared machinery of every NME estimator: parameters, the one fit skeleton, fallback and
     person effects, the per-person E-step and artifacts.
+
+    scikit-learn conventions: ``__init__`` only stores its arguments, ``get_params`` /
+    ``set_params`` / ``sklearn.base.clone`` derive from its signature, and
+    :meth:`_validate_params` (called by ``fit``) checks them.
 
     A subclass supplies its network (:meth:`_build`, :meth:`_n_outputs`), turns its inputs into
     :class:`_Items` (the callables it passes to :meth:`_fit`) and scores items
@@ -73,24 +125,14 @@ class _NMEEstimator(abc.ABC):
     """
 
     _registry: ClassVar[dict[str, type[_NMEEstimator]]] = {}
-    _param_names: ClassVar[tuple[str, ...]] = (
-        "hidden",
-        "placement",
-        "method",
-        "activation",
-        "dropout",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "max_epochs",
-        "patience",
-        "anneal",
-        "m_step",
-        "batching",
-        "device",
-        "random_state",
-        "verbose",
-    )
+
+    # scikit-learn metadata routing (``sklearn.set_config(enable_metadata_routing=True)``):
+    # ``persons`` is requested by default by fit, score and predict, so a meta-estimator
+    # (GridSearchCV, cross_val_score) that receives ``persons`` passes each split's ids to
+    # both fit and score, and selection scores the personalised predictions.
+    __metadata_request__fit: ClassVar[dict] = {"persons": True}
+    __metadata_request__score: ClassVar[dict] = {"persons": True}
+    __metadata_request__predict: ClassVar[dict] = {"persons": True}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -117,18 +159,9 @@ class _NMEEstimator(abc.ABC):
         random_state: int | None = None,
         verbose: bool = False,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if anneal is not None and not 0.0 < anneal < 1.0:
-            raise ValueError(f"anneal must be in (0, 1), got {anneal}")
-        if m_step not in ("paper", "laplace"):
-            raise ValueError(f"m_step must be 'paper' or 'laplace', got {m_step!r}")
-        self.m_step = m_step
-        if batching not in ("random", "person"):
-            raise ValueError(f"batching must be 'random' or 'person', got {batching!r}")
-        self.batching = batching
-        self.hidden = tuple(int(h) for h in hidden)
-        self.placement = placement if isinstance(placement, str) else list(placement)
+        # scikit-learn convention: __init__ only stores; _validate_params checks (fit calls it)
+        self.hidden = hidden
+        self.placement = placement
         self.method = method
         self.activation = activation
         self.dropout = dropout
@@ -138,9 +171,56 @@ class _NMEEstimator(abc.ABC):
         self.max_epochs = max_epochs
         self.patience = patience
         self.anneal = anneal
+        self.m_step = m_step
+        self.batching = batching
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+
+    # ----------------------------------------------------------------- parameters
+    def _validate_params(self) -> Self:
+        """Check every constructor argument; raises ``ValueError`` naming the bad one.
+
+        ``fit`` calls it first; call it yourself to refuse a bad definition before training
+        (the service does when a model is created). Subclasses extend it.
+        """
+        _check_int_sequence("hidden", self.hidden, low=1)
+        placement = self.placement
+        if isinstance(placement, str):
+            if not placement:
+                raise ValueError("placement must not be empty")
+        elif not _is_str_sequence(placement):
+            raise ValueError(f"placement must be a string or a list of parameter names, "
+                             f"got {placement!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
+        _check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        _check_number("lr", self.lr, low=0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        if not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not (_is_int(self.max_epochs) and self.max_epochs >= 1):
+            raise ValueError(f"max_epochs must be a positive integer, got {self.max_epochs!r}")
+        if self.patience is not None and not (_is_int(self.patience) and self.patience >= 1):
+            raise ValueError(f"patience must be a positive integer or None, "
+                             f"got {self.patience!r}")
+        if self.anneal is not None:
+            _check_number("anneal", self.anneal, low=0.0, high=1.0, low_open=True,
+                          high_open=True)
+        if self.m_step not in M_STEPS:
+            raise ValueError(f"m_step must be one of {M_STEPS}, got {self.m_step!r}")
+        if self.batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {self.batching!r}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda', "
+                             f"got {self.device!r}")
+        if self.random_state is not None and not _is_int(self.random_state):
+            raise ValueError(f"random_state must be an integer or None, "
+                             f"got {self.random_state!r}")
+        return self
 
     # ----------------------------------------------------------------- subclass hooks
     @abc.abstractmethod
@@ -195,6 +275,15 @@ class _NMEEstimator(abc.ABC):
             batching=self.batching,
         )
 
+    def _artifact_params(self) -> dict[str, Any]:
+        """The constructor arguments as JSON-able values, for ``config.json``."""
+        params = self.get_params(deep=False)
+        params["hidden"] = [int(h) for h in self.hidden]
+        if not isinstance(self.placement, str):
+            params["placement"] = list(self.placement)
+        params["device"] = "auto" if self.device == "auto" else str(self.device)
+        return params
+
     def _extra_config(self) -> dict:
         """JSON-able ``config.json`` entries a subclass adds to the artifact."""
         return {}
@@ -207,18 +296,17 @@ class _NMEEstimator(abc.ABC):
         """Restore what :meth:`_extra_config` and :meth:`_extra_tensors` saved (nothing here)."""
         return None
 
-    # ----------------------------------------------------------------- parameters
-    def get_params(self) -> dict[str, Any]:
-        """Constructor arguments (sklearn convention)."""
-        return {k: getattr(self, k) for k in self._param_names}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
+    def _set_feature_attributes(self, names: list[str] | None, n_features: int) -> None:
+        """scikit-learn's ``n_features_in_`` and, for named columns, ``feature_names_in_``."""
+        self.n_features_in_ = int(n_features)
+        if names is not None and all(isinstance(n, str) for n in names):
+            self.feature_names_in_ = np.asarray(names, dtype=object)
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+            raise NotFitted(f"this {type(self).__name__} is not fitted yet; call fit first")
 
     # ----------------------------------------------------------------- fitting
     def _fit(
@@ -235,6 +323,7 @@ class _NMEEstimator(abc.ABC):
         decides when they run: ``training`` once the device is known (its tensors go there),
         ``validation`` once the network is built (it is checked against the fitted model).
         """
+        self._validate_params()
         self.device_ = resolve_device(self.device)
         items = training()
         self.persons_ = PersonIndex(items.ids)
@@ -402,21 +491,19 @@ class _NMEEstimator(abc.ABC):
         bad = [p for p in ids if not isinstance(p, (str, int))]
         if bad:
             raise ValueError(f"person ids must be str or int to be saved, got e.g. {bad[0]!r}")
-        params = self.get_params()
-        params["hidden"] = list(self.hidden)
-        params["device"] = "auto" if self.device == "auto" else str(self.device)
+        params = self._artifact_params()
         config = {
             "estimator": type(self).__name__,
             "params": params,
             "architecture": {
                 "in_features": len(self.feature_names_),
-                "hidden": list(self.hidden),
+                "hidden": [int(h) for h in self.hidden],
                 "out_features": self._n_outputs(),
                 "activation": self.activation,
                 "dropout": self.dropout,
             },
             "method": self.method,
-            "placement": self.placement,
+            "placement": params["placement"],
             "feature_names": self.feature_names_,
             "feature_names_from_frame": self._names_from_frame,
             "sigma2": self.sigma2_,
@@ -461,6 +548,8 @@ def load_estimator(path: str | os.PathLike, device: str | None = None) -> _NMEEs
         est.device_ = resolve_device(est.device)
         est.feature_names_ = list(config["feature_names"])
         est._names_from_frame = bool(config["feature_names_from_frame"])
+        est._set_feature_attributes(est.feature_names_ if est._names_from_frame else None,
+                                    len(est.feature_names_))
         est._restore_extra(config, tensors)
         arch = config["architecture"]
         # the network is built from the recorded architecture, so a mismatch with the weights

@@ -20,6 +20,7 @@ forward and backward pass over the training set per epoch. Why these defaults:
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Self
@@ -27,6 +28,10 @@ from typing import Self
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import ClassifierMixin, RegressorMixin
+from sklearn.exceptions import DataConversionWarning
+from sklearn.metrics import r2_score
+from sklearn.utils.multiclass import check_classification_targets
 
 from nme.base import _Items, _NMEEstimator, load_estimator, resolve_device
 from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
@@ -110,6 +115,7 @@ class _TabularEstimator(_NMEEstimator):
             raise ValueError("cannot fit on an empty training set")
         self.feature_names_ = names or [f"x{k}" for k in range(x.shape[1])]
         self._names_from_frame = names is not None
+        self._set_feature_attributes(names, x.shape[1])
         self.x_scaler_ = Standardizer.fit(x)
         y_t = self._encode_target(y, fitting=True)
         if y_t.shape[0] != x.shape[0]:
@@ -156,8 +162,8 @@ class _TabularEstimator(_NMEEstimator):
         expected = self.feature_names_ if self._names_from_frame else None
         x, _ = feature_matrix(X, expected=expected, name=name)
         if x.shape[1] != len(self.feature_names_):
-            raise ValueError(f"{name} has {x.shape[1]} features, the model expects "
-                             f"{len(self.feature_names_)}")
+            raise ValueError(f"{name} has {x.shape[1]} features, but {type(self).__name__} is "
+                             f"expecting {len(self.feature_names_)} features as input")
         return torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
 
     @torch.inference_mode()
@@ -245,6 +251,29 @@ class _TabularEstimator(_NMEEstimator):
         """``(n,)`` predictions with explicit θⁱ rows ``effects: (n, d)``."""
 
 
+def _target_1d(y: ArrayLike, name: str) -> np.ndarray:
+    """``y`` as a 1-D array; a column vector ``(n, 1)`` is flattened with scikit-learn's
+    ``DataConversionWarning``."""
+    if y is None:
+        raise ValueError("this estimator requires y to be passed, but the target y is None")
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    values = np.asarray(y)
+    if values.ndim == 2 and values.shape[1] == 1:
+        warnings.warn(f"A column-vector {name} was passed when a 1d array was expected; "
+                      "flattening it", DataConversionWarning, stacklevel=4)
+        values = values.ravel()
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (n,), got shape {values.shape}")
+    return values
+
+
+def _label_array(classes: list) -> np.ndarray:
+    """Class labels as an array of their own type (object when the types are mixed)."""
+    same = len({type(c) for c in classes}) == 1
+    return np.asarray(classes) if same else np.asarray(classes, dtype=object)
+
+
 def _per_person_mean(values: np.ndarray, persons: Sequence[Hashable]) -> np.ndarray:
     """``values: (n,)`` -> ``(n_persons,)`` each person's mean, persons in sorted id order."""
     ids = np.asarray([str(p) for p in as_id_list(persons)])
@@ -252,7 +281,7 @@ def _per_person_mean(values: np.ndarray, persons: Sequence[Hashable]) -> np.ndar
     return np.bincount(inv, weights=values) / np.bincount(inv)
 
 
-class NMERegressor(_TabularEstimator):
+class NMERegressor(RegressorMixin, _TabularEstimator):
     """NME regression: squared-error loss on z-normalised y.
 
     ``hidden=()`` is a linear model, so ``placement="all"`` is a random intercept and slope model.
@@ -263,10 +292,9 @@ class NMERegressor(_TabularEstimator):
 
     def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
         try:
-            yv = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+            yv = np.asarray(_target_1d(y, name), dtype=np.float64)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name} must be numeric for regression: {err}") from err
-        yv = yv.ravel()
         if not np.isfinite(yv).all():
             raise ValueError(f"{name} contains NaN or inf")
         if fitting:
@@ -335,6 +363,21 @@ class NMERegressor(_TabularEstimator):
             return np.zeros(e.shape[0])
         return parts[key][:, 0].numpy().astype(np.float64) * float(self.y_scaler_.std)
 
+    def score(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable] | np.ndarray | None = None,
+        sample_weight: ArrayLike | None = None,
+    ) -> float:
+        """R² of the personalised predictions (scikit-learn's regressor score).
+
+        ``persons: (n,)`` ids select each row's θⁱ; without them every row gets the generic
+        model. With metadata routing enabled, GridSearchCV and cross_val_score pass each
+        split's ``persons`` here (see the class docstring).
+        """
+        return float(r2_score(y, self.predict(X, persons), sample_weight=sample_weight))
+
     def score_per_person(
         self,
         X: ArrayLike,
@@ -349,7 +392,7 @@ class NMERegressor(_TabularEstimator):
         return -float(np.sqrt(_per_person_mean(err, persons)).mean())
 
 
-class NMEClassifier(_TabularEstimator):
+class NMEClassifier(ClassifierMixin, _TabularEstimator):
     """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels.
 
     Same parameters as :class:`NMERegressor`, but ``m_step`` defaults to ``"laplace"`` (the
@@ -386,11 +429,15 @@ class NMEClassifier(_TabularEstimator):
         return len(self.classes_)
 
     def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
-        labels = as_id_list(y)
+        values = _target_1d(y, name)
+        labels = as_id_list(values)
         if fitting:
-            self.classes_ = sorted(set(labels), key=lambda c: (str(type(c)), c))
-            if len(self.classes_) < 2:
-                raise ValueError("classification needs at least two classes in y")
+            check_classification_targets(values)  # "Unknown label type" for continuous y
+            classes = sorted(set(labels), key=lambda c: (str(type(c)), c))
+            if len(classes) < 2:
+                raise ValueError(f"classification needs at least two classes in y; got one "
+                                 f"class: {classes}")
+            self.classes_ = _label_array(classes)
         index = {c: k for k, c in enumerate(self.classes_)}
         unknown = sorted({str(c) for c in labels if c not in index})
         if unknown:
@@ -404,10 +451,10 @@ class NMEClassifier(_TabularEstimator):
         return float((out.argmax(-1) == y).float().mean())
 
     def _extra_config(self) -> dict:
-        return {"classes": list(self.classes_)}
+        return {"classes": as_id_list(self.classes_)}
 
     def _restore_extra(self, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.classes_ = list(config["classes"])
+        self.classes_ = _label_array(list(config["classes"]))
 
     def predict_proba(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
         """``(n, n_classes)`` class probabilities, columns in the order of ``classes_``."""
@@ -421,13 +468,14 @@ class NMEClassifier(_TabularEstimator):
 
     def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
         """``(n,)`` the most probable class label of each row."""
-        return np.asarray(self.classes_, dtype=object)[self.predict_proba(X, persons).argmax(-1)]
+        proba = self.predict_proba(X, persons)
+        return self.classes_[proba.argmax(-1)]
 
     def predict_with_effects(
         self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
     ) -> np.ndarray:
         proba = self.predict_proba_with_effects(X, effects, known)
-        return np.asarray(self.classes_, dtype=object)[proba.argmax(-1)]
+        return self.classes_[proba.argmax(-1)]
 
     def person_bias(self, effects: np.ndarray) -> np.ndarray:
         """``effects: (n, d)`` -> ``(n, n_classes)`` each person's shift of the output logits."""
@@ -437,6 +485,19 @@ class NMEClassifier(_TabularEstimator):
         if key not in parts:
             return np.zeros((e.shape[0], len(self.classes_)))
         return parts[key].numpy().astype(np.float64)
+
+    def score(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable] | np.ndarray | None = None,
+        sample_weight: ArrayLike | None = None,
+    ) -> float:
+        """Accuracy of the personalised predictions (scikit-learn's classifier score); see
+        :meth:`NMERegressor.score`."""
+        pred = as_id_list(self.predict(X, persons))
+        hits = np.asarray([a == b for a, b in zip(pred, as_id_list(y), strict=True)], float)
+        return float(np.average(hits, weights=sample_weight))
 
     def score_per_person(
         self,

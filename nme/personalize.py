@@ -230,6 +230,16 @@ class PersonalizedModule(nn.Module):
             output = output + bias.reshape(b, *([1] * (output.dim() - 2)), bias.shape[-1])
         return output
 
+    def __getstate__(self) -> dict:
+        # the per-thread forward state cannot be pickled (and is empty between forwards)
+        state = self.__dict__.copy()
+        state.pop("_active", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._active = threading.local()
+
     @property
     def effect_dim(self) -> int:
         return self.layout.dim
@@ -334,6 +344,10 @@ class _WeakLinearHook:
     def __init__(self, target: PersonalizedModule, owner: str) -> None:
         self._target = weakref.ref(target)
         self._owner = owner
+
+    def __reduce__(self) -> tuple:
+        # pickled (and deep-copied) as its target and owner: the weak reference is rebuilt
+        return (_WeakLinearHook, (self._target(), self._owner))
 
     def __call__(
         self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor

@@ -197,28 +197,6 @@ class NMESequenceTagger(_NMEEstimator):
     behind these defaults are in ``docs/decisions.md``.
     """
 
-    _param_names: ClassVar[tuple[str, ...]] = (
-        "hidden",
-        "placement",
-        "method",
-        "activation",
-        "dropout",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "max_epochs",
-        "patience",
-        "anneal",
-        "m_step",
-        "sigma2",
-        "learn_start_end",
-        "allowed",
-        "states",
-        "device",
-        "random_state",
-        "verbose",
-    )
-
     def __init__(
         self,
         hidden: Sequence[int] = (64,),
@@ -247,17 +225,38 @@ class NMESequenceTagger(_NMEEstimator):
             max_epochs=max_epochs, patience=patience, anneal=anneal, m_step=m_step,
             device=device, random_state=random_state, verbose=verbose,
         )
-        if isinstance(placement, str) and placement not in SEQUENCE_PLACEMENTS:
+        self.sigma2 = sigma2
+        self.learn_start_end = learn_start_end
+        self.allowed = allowed
+        self.states = states
+
+    def _validate_params(self) -> Self:
+        """The base class's checks plus the tagger's placements, σ² rule, ``allowed`` and
+        ``states`` (see :meth:`nme.base._NMEEstimator._validate_params`)."""
+        super()._validate_params()
+        if isinstance(self.placement, str) and self.placement not in SEQUENCE_PLACEMENTS:
             raise ValueError(
                 f"placement must be one of {SEQUENCE_PLACEMENTS} or a list of parameter names, "
-                f"got {placement!r}"
+                f"got {self.placement!r}"
             )
-        if sigma2 not in SIGMA2_RULES:
-            raise ValueError(f"sigma2 must be one of {SIGMA2_RULES}, got {sigma2!r}")
-        self.sigma2 = sigma2
-        self.learn_start_end = bool(learn_start_end)
-        self.allowed = _normalise_allowed(allowed)
-        self.states = None if states is None else as_id_list(list(states))
+        if self.sigma2 not in SIGMA2_RULES:
+            raise ValueError(f"sigma2 must be one of {SIGMA2_RULES}, got {self.sigma2!r}")
+        if not isinstance(self.learn_start_end, (bool, np.bool_)):
+            raise ValueError(f"learn_start_end must be True or False, "
+                             f"got {self.learn_start_end!r}")
+        _normalise_allowed(self.allowed)  # raises on a malformed matrix or pair list
+        if self.states is not None:
+            states = as_id_list(list(self.states))
+            if len(set(map(str, states))) != len(states):
+                raise ValueError(f"states must be distinct, got {states}")
+        return self
+
+    def _artifact_params(self) -> dict[str, Any]:
+        params = super()._artifact_params()
+        params["allowed"] = _normalise_allowed(self.allowed)
+        params["states"] = None if self.states is None else as_id_list(list(self.states))
+        params["learn_start_end"] = bool(self.learn_start_end)
+        return params
 
     # ----------------------------------------------------------------- hooks of the base class
     def _n_outputs(self) -> int:
@@ -265,7 +264,7 @@ class NMESequenceTagger(_NMEEstimator):
 
     def _build(self, n_features: int, n_persons: int) -> PersonalizedModule:
         base = EmissionCRF(n_features, self.hidden, len(self.states_), self.activation,
-                           self.dropout, self.learn_start_end)
+                           self.dropout, bool(self.learn_start_end))
         names = sequence_placement(base, self.placement)
         return PersonalizedModule(base, names, n_persons, self.method)
 
@@ -286,10 +285,11 @@ class NMESequenceTagger(_NMEEstimator):
     # ----------------------------------------------------------------- input handling
     def _resolve_allowed(self) -> torch.Tensor | None:
         """``(S, S)`` bool of allowed transitions in ``states_`` order, or None (all allowed)."""
-        if self.allowed is None:
+        allowed = _normalise_allowed(self.allowed)
+        if allowed is None:
             return None
         n = len(self.states_)
-        arr = np.asarray(self.allowed, dtype=object)
+        arr = np.asarray(allowed, dtype=object)
         if arr.ndim == 2 and all(isinstance(v, bool) for v in arr.ravel()):
             if arr.shape != (n, n):
                 raise ValueError(f"allowed has shape {arr.shape}, expected ({n}, {n}) for the "
@@ -297,12 +297,12 @@ class NMESequenceTagger(_NMEEstimator):
             mask = torch.tensor(arr.astype(bool))
         else:
             index = {s: k for k, s in enumerate(self.states_)}
-            unknown = sorted({str(s) for pair in self.allowed for s in pair if s not in index})
+            unknown = sorted({str(s) for pair in allowed for s in pair if s not in index})
             if unknown:
                 raise ValueError(f"forbidden transitions name unknown states {unknown}; "
                                  f"states are {self.states_}")
             mask = torch.ones(n, n, dtype=torch.bool)
-            for a, b in self.allowed:
+            for a, b in allowed:
                 mask[index[a], index[b]] = False
         if not bool(mask.any(dim=1).all()):
             raise ValueError("allowed forbids every transition out of some state")
@@ -452,7 +452,7 @@ class NMESequenceTagger(_NMEEstimator):
             raise ValueError(f"persons has {len(ids)} entries for {len(feats)} sequences")
         x_list = self._features(feats, "sequences", fitting=True)
         if self.states is not None:
-            self.states_ = list(self.states)
+            self.states_ = as_id_list(list(self.states))
         else:
             seen = {s for lab in labels for s in as_id_list(lab)}
             self.states_ = sorted(seen, key=lambda c: (str(type(c)), c))

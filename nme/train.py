@@ -39,6 +39,9 @@ SquaredGrads = Callable[[], torch.Tensor]
 (for squared error the exact Gauss–Newton Σⱼ (∂f(Xⁱⱼ)/∂θⁱ)²); without it the Laplace M-step
 uses the empirical Fisher of ``item_loss``."""
 
+BATCHINGS = ("random", "person")
+"""How an epoch cuts the items into batches (see :attr:`TrainConfig.batching`)."""
+
 Validate = Callable[[], dict[str, float]]
 """Returns at least ``{"val_loss": …}`` (lower is better) and optionally ``"val_metric"``."""
 
@@ -152,8 +155,8 @@ def fit_loop(
     Returns:
         σ², Σ (diagonal, ``(dim,)``), the per-epoch history and the best epoch.
     """
-    if config.batching not in ("random", "person"):
-        raise ValueError(f"batching must be 'random' or 'person', got {config.batching!r}")
+    if config.batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}, got {config.batching!r}")
     if config.m_step not in M_STEPS:
         raise ValueError(f"m_step must be one of {M_STEPS}, got {config.m_step!r}")
     if config.sigma2 not in SIGMA2_RULES:

@@ -176,7 +176,7 @@ def test_classifier_probabilities_and_save_load(mood_splits, features, tmp_path:
     proba = est.predict_proba(test[features], test["user"])
     assert proba.shape == (len(test), 2)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
-    assert est.classes_ == ["good", "low"]
+    assert list(est.classes_) == ["good", "low"]
     assert est.score_per_person(test[features], label(test), test["user"]) > 0.6
     est.save(tmp_path / "clf")
     loaded = NMEClassifier.load(tmp_path / "clf")
@@ -185,8 +185,33 @@ def test_classifier_probabilities_and_save_load(mood_splits, features, tmp_path:
         NMERegressor.load(tmp_path / "clf")
 
 
-def test_invalid_hyper_parameters() -> None:
-    with pytest.raises(ValueError, match="method"):
-        NMERegressor(method="lme")
-    with pytest.raises(ValueError, match="anneal"):
-        NMERegressor(anneal=1.5)
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"method": "lme"}, "method"),
+        ({"anneal": 1.5}, "anneal"),
+        ({"hidden": (0,)}, "hidden"),
+        ({"hidden": "64"}, "hidden"),
+        ({"placement": 3}, "placement"),
+        ({"activation": "sigmoid"}, "activation"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"lr": 0.0}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"patience": 0}, "patience"),
+        ({"m_step": "exact"}, "m_step"),
+        ({"batching": "sorted"}, "batching"),
+        ({"random_state": "zero"}, "random_state"),
+    ],
+)
+def test_invalid_hyper_parameters_are_refused_by_validate_and_fit(
+    params: dict, message: str, mood_splits, features  # type: ignore[no-untyped-def]
+) -> None:
+    est = NMERegressor(**params)  # scikit-learn convention: __init__ only stores
+    assert est.get_params()[next(iter(params))] is params[next(iter(params))]
+    with pytest.raises(ValueError, match=message):
+        est._validate_params()
+    train, _, _ = mood_splits
+    with pytest.raises(ValueError, match=message):
+        est.fit(train[features].iloc[:20], train["mood"].iloc[:20], train["user"].iloc[:20])
