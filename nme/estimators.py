@@ -204,28 +204,63 @@ class _TabularEstimator(_NMEEstimator):
         y: ArrayLike,
         init: np.ndarray | None = None,
         max_iter: int = 100,
-    ) -> np.ndarray:
+        return_variance: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """E-step for one person: θ̄, σ², Σ fixed, only this person's θⁱ optimised.
 
-        Minimises (1/σ²) Σⱼ l(yⱼ, f(Xⱼ; θ̄ + θ)) + θᵀΣ⁻¹θ (the person's part of Eq. 1; no
-        penalty for ``unme``/``specific``) with L-BFGS, starting from ``init`` (their current
-        row) or the fallback row.
+        Under ``nme`` θⁱ becomes the posterior mode of (1/σ²) Σⱼ l(yⱼ, f(Xⱼ; θ̄ + θ)) + θᵀΣ⁻¹θ
+        (the person's part of Eq. 1) by the batched Newton steps of the final E-step of
+        ``fit`` (exact in one step for squared error on a linear placement); ``unme`` and
+        ``specific`` minimise their own loss (no penalty) with L-BFGS. The start is ``init``
+        (their current row) or the fallback row.
 
         Args:
             X: ``(n, F)`` all of the person's labelled observations; ``y: (n,)``.
             init: ``(d,)`` float32 starting θⁱ.
+            max_iter: Newton steps (``nme``) or L-BFGS iterations at most.
+            return_variance: also return the person's diagonal Laplace posterior variance of
+                θⁱ (what :meth:`effects_variance_matrix` holds for training persons).
 
         Returns:
-            ``(d,) float32`` the person's new θⁱ.
+            ``(d,) float32`` the person's new θⁱ; with ``return_variance=True`` the pair
+            ``(theta (d,), variance (d,))``, both float32 (the prior Σ when ``X`` is empty).
         """
         x = self._input(X)
         yt = self._encode_target(y, fitting=False).to(self.device_)
-        base = self.module_.base
+        items = _Items(x=x, y=yt, ids=[0] * x.shape[0]) if x.shape[0] else None
+        return self._fit_person(items, init, max_iter, return_variance)
 
-        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self._item_losses(torch.func.functional_call(base, params, (x,)), yt)
+    # ----------------------------------------------------------------- E-step curvature
+    @abc.abstractmethod
+    def _loss_terms(
+        self, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``out: (b, K)``, ``y: (b,)`` -> per item the loss ``(b,)``, its gradient w.r.t. the
+        outputs ``(b, K)`` and a factor A ``(b, K, K)`` of half its Hessian w.r.t. the outputs,
+        ½ ∂²l/∂out² = A Aᵀ."""
 
-        return self._fit_person(losses if x.shape[0] else None, init, max_iter)
+    def _item_curvature(
+        self, items: _Items, idx: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generalised Gauss–Newton: Hⱼ = Jⱼᵀ AⱼAⱼᵀ Jⱼ with Jⱼ = ∂f(Xⱼ)/∂θⁱ ``(K, d)`` (one
+        backward pass per output), factor Fⱼ = AⱼᵀJⱼ — exact for squared error and for
+        cross-entropy when θⁱ enters the outputs linearly."""
+        leaf = rows.detach().clone().requires_grad_(True)  # (b, d)
+        with torch.enable_grad():
+            out, _ = self.module_(items.x[idx], effects=leaf)  # (b, K)
+            k_out = out.shape[1]
+            jac = torch.stack([
+                torch.autograd.grad(out[:, k].sum(), leaf, retain_graph=k < k_out - 1)[0]
+                for k in range(k_out)
+            ], 1)  # (b, K, d)
+        losses, dl, factor = self._loss_terms(out.detach(), items.y[idx])
+        grads = torch.einsum("bk,bkd->bd", dl, jac)
+        return losses, grads, factor.mT @ jac  # (b, K, d)
+
+    def _placed_on_last_layer(self) -> bool:
+        """Every placed parameter belongs to the output layer, so the outputs are linear in θⁱ."""
+        last = f"layers.{len(self.hidden)}."
+        return all(n.startswith(last) for n in self.module_.layout.names)
 
     # ----------------------------------------------------------------- scoring
     def _predict_rows(
@@ -303,6 +338,19 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
 
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (out.squeeze(-1) - y) ** 2
+
+    def _loss_terms(
+        self, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        resid = out - y.unsqueeze(-1)  # (b, 1)
+        # l = r², ½ ∂²l/∂out² = 1
+        return (resid.squeeze(-1) ** 2, 2 * resid,
+                torch.ones(out.shape[0], 1, 1, dtype=out.dtype, device=out.device))
+
+    def _constant_curvature(self) -> bool:
+        # squared error: the Gauss–Newton curvature is exact and constant when the output is
+        # linear in θⁱ, and one Newton step is the ridge solve of a linear mixed model's BLUP
+        return self._placed_on_last_layer()
 
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         # RMSE on the label's original scale
@@ -408,7 +456,7 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
         dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        batch_size: int = 512,
+        batch_size: int | str = "auto",
         max_epochs: int = 100,
         patience: int | None = 10,
         anneal: float | None = 0.8,
@@ -417,12 +465,16 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
         device: str = "auto",
         random_state: int | None = None,
         verbose: bool = False,
+        e_step: str = "newton",
+        tol: float | None = 1e-4,
+        n_iter_no_change: int = 10,
     ) -> None:
         super().__init__(
             hidden=hidden, placement=placement, method=method, activation=activation,
             dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             max_epochs=max_epochs, patience=patience, anneal=anneal, m_step=m_step,
             batching=batching, device=device, random_state=random_state, verbose=verbose,
+            e_step=e_step, tol=tol, n_iter_no_change=n_iter_no_change,
         )
 
     def _n_outputs(self) -> int:
@@ -446,6 +498,20 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
 
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y, reduction="none")
+
+    def _loss_terms(
+        self, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(out, -1)  # (b, K)
+        p = logp.exp()
+        losses = -logp.gather(1, y[:, None]).squeeze(1)
+        dl = p - F.one_hot(y, out.shape[1]).to(p.dtype)
+        # ½(diag p − ppᵀ) = A Aᵀ with A = diag(√p)(I − √p√pᵀ)/√2 (I − √p√pᵀ is a projector)
+        root = p.sqrt()  # (b, K)
+        eye = torch.eye(out.shape[1], dtype=p.dtype, device=p.device)
+        projector = eye - root[:, :, None] * root[:, None, :]  # (b, K, K)
+        factor = root[:, :, None] * projector * 0.5**0.5
+        return losses, dl, factor
 
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         return float((out.argmax(-1) == y).float().mean())

@@ -244,6 +244,28 @@ class PersonalizedModule(nn.Module):
     def effect_dim(self) -> int:
         return self.layout.dim
 
+    @torch.no_grad()
+    def recentre(self) -> torch.Tensor:
+        """Move the mean θⁱ across persons into θ̄: θ̄ += m, θⁱ −= m for every person.
+
+        Every θ̄ + θⁱ, hence every prediction, is unchanged, and Σᵢ θⁱᵀΣ⁻¹θⁱ can only shrink
+        (the mean minimises it), so the NME objective does not increase. At its optimum the
+        mean is zero anyway (the θ̄-gradient of the data term is −2Σ⁻¹ Σᵢ θⁱ there); moving it
+        at once saves the many small Adam steps θ̄ would need to absorb it.
+
+        Returns:
+            ``(dim,)`` the mean that moved (zeros without persons or placed parameters).
+        """
+        table = self.persons.weight
+        if table.shape[0] == 0 or self.layout.dim == 0:
+            return table.new_zeros(self.layout.dim)
+        mean = table.mean(dim=0)  # (dim,)
+        params = dict(self.base.named_parameters())
+        for name, delta in self.layout.split(mean).items():
+            params[name].add_(delta)
+        table.sub_(mean)
+        return mean
+
     def generic_parameters(self) -> list[nn.Parameter]:
         """The trainable θ̄ (everything but the person table)."""
         return [p for p in self.base.parameters() if p.requires_grad]

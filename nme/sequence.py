@@ -218,12 +218,16 @@ class NMESequenceTagger(_NMEEstimator):
         device: str = "auto",
         random_state: int | None = None,
         verbose: bool = False,
+        e_step: str = "newton",
+        tol: float | None = 1e-4,
+        n_iter_no_change: int = 10,
     ) -> None:
         super().__init__(
             hidden=hidden, placement=placement, method=method, activation=activation,
             dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             max_epochs=max_epochs, patience=patience, anneal=anneal, m_step=m_step,
             device=device, random_state=random_state, verbose=verbose,
+            e_step=e_step, tol=tol, n_iter_no_change=n_iter_no_change,
         )
         self.sigma2 = sigma2
         self.learn_start_end = learn_start_end
@@ -495,10 +499,10 @@ class NMESequenceTagger(_NMEEstimator):
         assert y is not None
         return x, mask, y
 
-    def _train_config(self) -> TrainConfig:
+    def _train_config(self, n_items: int) -> TrainConfig:
         # Padded sequences are far bigger than table rows: smaller chunks for the passes over
         # the training set (the Fisher of the Laplace M-step).
-        return replace(super()._train_config(), eval_batch_size=512, sigma2=self.sigma2)
+        return replace(super()._train_config(n_items), eval_batch_size=512, sigma2=self.sigma2)
 
     def _train_losses(
         self,
@@ -659,13 +663,19 @@ class NMESequenceTagger(_NMEEstimator):
         return probs if many else probs[0]
 
     # ----------------------------------------------------------------- per-person E-step
+    _newton_e_step = False
+    """θⁱ keep the values the epochs gave them (``fit``) or L-BFGS's (``fit_person``): a
+    Newton E-step for the CRF needs its exact transition Hessian, not the empirical Fisher
+    (another issue). The posterior variance uses the Fisher curvature of the sequence NLLs."""
+
     def fit_person(
         self,
         features_list: Sequence[ArrayLike],
         labels_list: Sequence[Sequence[Hashable]],
         init: np.ndarray | None = None,
         max_iter: int = 100,
-    ) -> np.ndarray:
+        return_variance: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """E-step for one person: θ̄, σ², Σ fixed, only this person's θⁱ optimised.
 
         Minimises (1/σ²) Σₖ NLL(sequence k; θ̄ + θ) + θᵀΣ⁻¹θ with L-BFGS (no penalty and
@@ -675,24 +685,21 @@ class NMESequenceTagger(_NMEEstimator):
             features_list: ``(Lₖ, F)`` the person's labelled sequences; ``labels_list`` their
                 ``(Lₖ,)`` labels.
             init: ``(d,)`` starting θⁱ (e.g. the person's current row).
+            max_iter: L-BFGS iterations at most.
+            return_variance: also return the diagonal Laplace posterior variance of θⁱ
+                (empirical Fisher of the sequence NLLs).
 
         Returns:
-            ``(d,) float32`` the person's new θⁱ.
+            ``(d,) float32`` the person's new θⁱ; with ``return_variance=True``
+            ``(theta (d,), variance (d,))``.
         """
         self._check_fitted()
         if len(features_list) == 0 or self.n_effects_ == 0:
-            return self._fit_person(None, init, max_iter)
+            return self._fit_person(None, init, max_iter, return_variance)
         x, mask, y = self._labelled_tensors(features_list, labels_list, "features_list",
                                             "labels_list")
-        base = self.module_.base
-
-        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            em = torch.func.functional_call(base, params, (x,))  # (n, L, S)
-            # θ̄ + θ already sits in params, T included when it is placed
-            transitions, start, end = params[TRANSITIONS], params.get("start"), params.get("end")
-            return -crf.log_likelihood(em, y, mask, transitions, start, end, self.allowed_)
-
-        return self._fit_person(losses, init, max_iter)
+        items = _Items(x=x, y=y, ids=[0] * x.shape[0], mask=mask)
+        return self._fit_person(items, init, max_iter, return_variance)
 
     # ----------------------------------------------------------------- scoring
     def score_per_person(
