@@ -1,8 +1,14 @@
 """Model artifacts: a directory with ``weights.safetensors`` and ``config.json``.
 
 Artifacts are written to a temporary sibling directory and renamed into place, so a reader never
-sees a half-written one. ``config.json`` carries ``schema_version``; readers refuse other
-versions with a clear :class:`ArtifactError`.
+sees a half-written one. ``config.json`` carries ``schema_version``; readers refuse versions they
+do not know with a clear :class:`ArtifactError`.
+
+Versions: 1 — θ̄, normalisation, σ², Σ, θⁱ (optional), person ids, history. 2 (written now) adds
+the persons' posterior variances (``effects_variance``, beside ``effects``), ``n_iter`` and
+``converged``, and the constructor's newer parameters (``e_step``, ``tol``,
+``n_iter_no_change``). Version 1 still loads: the missing parameters take their defaults and
+every person's posterior variance is the prior Σ.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -73,10 +80,10 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     except json.JSONDecodeError as err:
         raise ArtifactError(f"artifact {path}: {CONFIG_FILE} is not valid JSON ({err})") from err
     version = config.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"artifact {path} has schema version {version!r}; this nme reads version "
-            f"{SCHEMA_VERSION}"
+            f"artifact {path} has schema version {version!r}; this nme reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
         tensors = load_file(str(path / WEIGHTS_FILE))

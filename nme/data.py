@@ -7,9 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 ArrayLike = np.ndarray | pd.DataFrame | pd.Series | torch.Tensor | Sequence
+
+
+class NonNumericError(ValueError, TypeError):
+    """Features that are not numbers: a ``ValueError`` (what callers catch for bad input)
+    and a ``TypeError`` (what scikit-learn's estimator checks expect)."""
 
 
 def feature_matrix(
@@ -29,6 +35,12 @@ def feature_matrix(
         ValueError: non-numeric, NaN/inf, wrong width, or missing/unexpected feature names.
     """
     names: list[str] | None = None
+    if sp.issparse(X):
+        raise TypeError(f"{name}: sparse data was passed, but dense data is required; "
+                        "use X.toarray() to convert to a dense numpy array")
+    if isinstance(X, pd.DataFrame) and not all(isinstance(c, str) for c in X.columns):
+        # non-string column labels are positions, not names (as in scikit-learn)
+        X = X.set_axis(range(X.shape[1]), axis=1).to_numpy()
     if isinstance(X, pd.DataFrame):
         names = [str(c) for c in X.columns]
         if expected is not None:
@@ -43,19 +55,27 @@ def feature_matrix(
             names = list(expected)
         non_numeric = [c for c in X.columns if not pd.api.types.is_numeric_dtype(X[c])]
         if non_numeric:
-            raise ValueError(f"{name} has non-numeric feature columns: {non_numeric}")
+            raise NonNumericError(f"{name} has non-numeric feature columns: {non_numeric}")
         arr = X.to_numpy(dtype=np.float32)
     elif isinstance(X, torch.Tensor):
         arr = X.detach().cpu().to(torch.float32).numpy()
     else:
+        raw = np.asarray(X)
+        if np.iscomplexobj(raw):
+            raise ValueError(f"{name}: Complex data not supported")
         try:
-            arr = np.asarray(X, dtype=np.float32)
+            arr = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be numeric: {err}") from err
+            raise NonNumericError(f"{name} must be numeric: {err}") from err
     if arr.ndim == 1:
-        arr = arr[:, None]
+        raise ValueError(f"{name} must be 2-D (n, features), got a 1-D array of shape "
+                         f"{arr.shape}. Reshape your data with X.reshape(-1, 1) for one "
+                         "feature or X.reshape(1, -1) for one sample")
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, features), got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has 0 feature(s) (shape={arr.shape}) while a minimum of 1 "
+                         "is required.")
     if expected is not None and arr.shape[1] != len(expected):
         raise ValueError(f"{name} has {arr.shape[1]} features, the model expects {len(expected)}")
     if not np.isfinite(arr).all():

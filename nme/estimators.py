@@ -20,6 +20,7 @@ forward and backward pass over the training set per epoch. Why these defaults:
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Self
@@ -27,6 +28,10 @@ from typing import Self
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import ClassifierMixin, RegressorMixin
+from sklearn.exceptions import DataConversionWarning
+from sklearn.metrics import r2_score
+from sklearn.utils.multiclass import check_classification_targets
 
 from nme.base import _Items, _NMEEstimator, load_estimator, resolve_device
 from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
@@ -110,6 +115,7 @@ class _TabularEstimator(_NMEEstimator):
             raise ValueError("cannot fit on an empty training set")
         self.feature_names_ = names or [f"x{k}" for k in range(x.shape[1])]
         self._names_from_frame = names is not None
+        self._set_feature_attributes(names, x.shape[1])
         self.x_scaler_ = Standardizer.fit(x)
         y_t = self._encode_target(y, fitting=True)
         if y_t.shape[0] != x.shape[0]:
@@ -156,8 +162,8 @@ class _TabularEstimator(_NMEEstimator):
         expected = self.feature_names_ if self._names_from_frame else None
         x, _ = feature_matrix(X, expected=expected, name=name)
         if x.shape[1] != len(self.feature_names_):
-            raise ValueError(f"{name} has {x.shape[1]} features, the model expects "
-                             f"{len(self.feature_names_)}")
+            raise ValueError(f"{name} has {x.shape[1]} features, but {type(self).__name__} is "
+                             f"expecting {len(self.feature_names_)} features as input")
         return torch.from_numpy(self.x_scaler_.transform(x)).to(self.device_)
 
     @torch.inference_mode()
@@ -198,28 +204,63 @@ class _TabularEstimator(_NMEEstimator):
         y: ArrayLike,
         init: np.ndarray | None = None,
         max_iter: int = 100,
-    ) -> np.ndarray:
+        return_variance: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """E-step for one person: θ̄, σ², Σ fixed, only this person's θⁱ optimised.
 
-        Minimises (1/σ²) Σⱼ l(yⱼ, f(Xⱼ; θ̄ + θ)) + θᵀΣ⁻¹θ (the person's part of Eq. 1; no
-        penalty for ``unme``/``specific``) with L-BFGS, starting from ``init`` (their current
-        row) or the fallback row.
+        Under ``nme`` θⁱ becomes the posterior mode of (1/σ²) Σⱼ l(yⱼ, f(Xⱼ; θ̄ + θ)) + θᵀΣ⁻¹θ
+        (the person's part of Eq. 1) by the batched Newton steps of the final E-step of
+        ``fit`` (exact in one step for squared error on a linear placement); ``unme`` and
+        ``specific`` minimise their own loss (no penalty) with L-BFGS. The start is ``init``
+        (their current row) or the fallback row.
 
         Args:
             X: ``(n, F)`` all of the person's labelled observations; ``y: (n,)``.
             init: ``(d,)`` float32 starting θⁱ.
+            max_iter: Newton steps (``nme``) or L-BFGS iterations at most.
+            return_variance: also return the person's diagonal Laplace posterior variance of
+                θⁱ (what :meth:`effects_variance_matrix` holds for training persons).
 
         Returns:
-            ``(d,) float32`` the person's new θⁱ.
+            ``(d,) float32`` the person's new θⁱ; with ``return_variance=True`` the pair
+            ``(theta (d,), variance (d,))``, both float32 (the prior Σ when ``X`` is empty).
         """
         x = self._input(X)
         yt = self._encode_target(y, fitting=False).to(self.device_)
-        base = self.module_.base
+        items = _Items(x=x, y=yt, ids=[0] * x.shape[0]) if x.shape[0] else None
+        return self._fit_person(items, init, max_iter, return_variance)
 
-        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self._item_losses(torch.func.functional_call(base, params, (x,)), yt)
+    # ----------------------------------------------------------------- E-step curvature
+    @abc.abstractmethod
+    def _loss_terms(
+        self, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``out: (b, K)``, ``y: (b,)`` -> per item the loss ``(b,)``, its gradient w.r.t. the
+        outputs ``(b, K)`` and a factor A ``(b, K, K)`` of half its Hessian w.r.t. the outputs,
+        ½ ∂²l/∂out² = A Aᵀ."""
 
-        return self._fit_person(losses if x.shape[0] else None, init, max_iter)
+    def _item_curvature(
+        self, items: _Items, idx: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generalised Gauss–Newton: Hⱼ = Jⱼᵀ AⱼAⱼᵀ Jⱼ with Jⱼ = ∂f(Xⱼ)/∂θⁱ ``(K, d)`` (one
+        backward pass per output), factor Fⱼ = AⱼᵀJⱼ — exact for squared error and for
+        cross-entropy when θⁱ enters the outputs linearly."""
+        leaf = rows.detach().clone().requires_grad_(True)  # (b, d)
+        with torch.enable_grad():
+            out, _ = self.module_(items.x[idx], effects=leaf)  # (b, K)
+            k_out = out.shape[1]
+            jac = torch.stack([
+                torch.autograd.grad(out[:, k].sum(), leaf, retain_graph=k < k_out - 1)[0]
+                for k in range(k_out)
+            ], 1)  # (b, K, d)
+        losses, dl, factor = self._loss_terms(out.detach(), items.y[idx])
+        grads = torch.einsum("bk,bkd->bd", dl, jac)
+        return losses, grads, factor.mT @ jac  # (b, K, d)
+
+    def _placed_on_last_layer(self) -> bool:
+        """Every placed parameter belongs to the output layer, so the outputs are linear in θⁱ."""
+        last = f"layers.{len(self.hidden)}."
+        return all(n.startswith(last) for n in self.module_.layout.names)
 
     # ----------------------------------------------------------------- scoring
     def _predict_rows(
@@ -245,6 +286,29 @@ class _TabularEstimator(_NMEEstimator):
         """``(n,)`` predictions with explicit θⁱ rows ``effects: (n, d)``."""
 
 
+def _target_1d(y: ArrayLike, name: str) -> np.ndarray:
+    """``y`` as a 1-D array; a column vector ``(n, 1)`` is flattened with scikit-learn's
+    ``DataConversionWarning``."""
+    if y is None:
+        raise ValueError("this estimator requires y to be passed, but the target y is None")
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    values = np.asarray(y)
+    if values.ndim == 2 and values.shape[1] == 1:
+        warnings.warn(f"A column-vector {name} was passed when a 1d array was expected; "
+                      "flattening it", DataConversionWarning, stacklevel=4)
+        values = values.ravel()
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (n,), got shape {values.shape}")
+    return values
+
+
+def _label_array(classes: list) -> np.ndarray:
+    """Class labels as an array of their own type (object when the types are mixed)."""
+    same = len({type(c) for c in classes}) == 1
+    return np.asarray(classes) if same else np.asarray(classes, dtype=object)
+
+
 def _per_person_mean(values: np.ndarray, persons: Sequence[Hashable]) -> np.ndarray:
     """``values: (n,)`` -> ``(n_persons,)`` each person's mean, persons in sorted id order."""
     ids = np.asarray([str(p) for p in as_id_list(persons)])
@@ -252,7 +316,7 @@ def _per_person_mean(values: np.ndarray, persons: Sequence[Hashable]) -> np.ndar
     return np.bincount(inv, weights=values) / np.bincount(inv)
 
 
-class NMERegressor(_TabularEstimator):
+class NMERegressor(RegressorMixin, _TabularEstimator):
     """NME regression: squared-error loss on z-normalised y.
 
     ``hidden=()`` is a linear model, so ``placement="all"`` is a random intercept and slope model.
@@ -263,10 +327,9 @@ class NMERegressor(_TabularEstimator):
 
     def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
         try:
-            yv = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+            yv = np.asarray(_target_1d(y, name), dtype=np.float64)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name} must be numeric for regression: {err}") from err
-        yv = yv.ravel()
         if not np.isfinite(yv).all():
             raise ValueError(f"{name} contains NaN or inf")
         if fitting:
@@ -275,6 +338,19 @@ class NMERegressor(_TabularEstimator):
 
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (out.squeeze(-1) - y) ** 2
+
+    def _loss_terms(
+        self, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        resid = out - y.unsqueeze(-1)  # (b, 1)
+        # l = r², ½ ∂²l/∂out² = 1
+        return (resid.squeeze(-1) ** 2, 2 * resid,
+                torch.ones(out.shape[0], 1, 1, dtype=out.dtype, device=out.device))
+
+    def _constant_curvature(self) -> bool:
+        # squared error: the Gauss–Newton curvature is exact and constant when the output is
+        # linear in θⁱ, and one Newton step is the ridge solve of a linear mixed model's BLUP
+        return self._placed_on_last_layer()
 
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         # RMSE on the label's original scale
@@ -335,6 +411,21 @@ class NMERegressor(_TabularEstimator):
             return np.zeros(e.shape[0])
         return parts[key][:, 0].numpy().astype(np.float64) * float(self.y_scaler_.std)
 
+    def score(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable] | np.ndarray | None = None,
+        sample_weight: ArrayLike | None = None,
+    ) -> float:
+        """R² of the personalised predictions (scikit-learn's regressor score).
+
+        ``persons: (n,)`` ids select each row's θⁱ; without them every row gets the generic
+        model. With metadata routing enabled, GridSearchCV and cross_val_score pass each
+        split's ``persons`` here (see the class docstring).
+        """
+        return float(r2_score(y, self.predict(X, persons), sample_weight=sample_weight))
+
     def score_per_person(
         self,
         X: ArrayLike,
@@ -349,7 +440,7 @@ class NMERegressor(_TabularEstimator):
         return -float(np.sqrt(_per_person_mean(err, persons)).mean())
 
 
-class NMEClassifier(_TabularEstimator):
+class NMEClassifier(ClassifierMixin, _TabularEstimator):
     """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels.
 
     Same parameters as :class:`NMERegressor`, but ``m_step`` defaults to ``"laplace"`` (the
@@ -365,7 +456,7 @@ class NMEClassifier(_TabularEstimator):
         dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        batch_size: int = 512,
+        batch_size: int | str = "auto",
         max_epochs: int = 100,
         patience: int | None = 10,
         anneal: float | None = 0.8,
@@ -374,23 +465,31 @@ class NMEClassifier(_TabularEstimator):
         device: str = "auto",
         random_state: int | None = None,
         verbose: bool = False,
+        e_step: str = "newton",
+        tol: float | None = 1e-4,
+        n_iter_no_change: int = 10,
     ) -> None:
         super().__init__(
             hidden=hidden, placement=placement, method=method, activation=activation,
             dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             max_epochs=max_epochs, patience=patience, anneal=anneal, m_step=m_step,
             batching=batching, device=device, random_state=random_state, verbose=verbose,
+            e_step=e_step, tol=tol, n_iter_no_change=n_iter_no_change,
         )
 
     def _n_outputs(self) -> int:
         return len(self.classes_)
 
     def _encode_target(self, y: ArrayLike, fitting: bool, name: str = "y") -> torch.Tensor:
-        labels = as_id_list(y)
+        values = _target_1d(y, name)
+        labels = as_id_list(values)
         if fitting:
-            self.classes_ = sorted(set(labels), key=lambda c: (str(type(c)), c))
-            if len(self.classes_) < 2:
-                raise ValueError("classification needs at least two classes in y")
+            check_classification_targets(values)  # "Unknown label type" for continuous y
+            classes = sorted(set(labels), key=lambda c: (str(type(c)), c))
+            if len(classes) < 2:
+                raise ValueError(f"classification needs at least two classes in y; got one "
+                                 f"class: {classes}")
+            self.classes_ = _label_array(classes)
         index = {c: k for k, c in enumerate(self.classes_)}
         unknown = sorted({str(c) for c in labels if c not in index})
         if unknown:
@@ -400,14 +499,28 @@ class NMEClassifier(_TabularEstimator):
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y, reduction="none")
 
+    def _loss_terms(
+        self, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(out, -1)  # (b, K)
+        p = logp.exp()
+        losses = -logp.gather(1, y[:, None]).squeeze(1)
+        dl = p - F.one_hot(y, out.shape[1]).to(p.dtype)
+        # ½(diag p − ppᵀ) = A Aᵀ with A = diag(√p)(I − √p√pᵀ)/√2 (I − √p√pᵀ is a projector)
+        root = p.sqrt()  # (b, K)
+        eye = torch.eye(out.shape[1], dtype=p.dtype, device=p.device)
+        projector = eye - root[:, :, None] * root[:, None, :]  # (b, K, K)
+        factor = root[:, :, None] * projector * 0.5**0.5
+        return losses, dl, factor
+
     def _val_metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         return float((out.argmax(-1) == y).float().mean())
 
     def _extra_config(self) -> dict:
-        return {"classes": list(self.classes_)}
+        return {"classes": as_id_list(self.classes_)}
 
     def _restore_extra(self, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.classes_ = list(config["classes"])
+        self.classes_ = _label_array(list(config["classes"]))
 
     def predict_proba(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
         """``(n, n_classes)`` class probabilities, columns in the order of ``classes_``."""
@@ -421,13 +534,14 @@ class NMEClassifier(_TabularEstimator):
 
     def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
         """``(n,)`` the most probable class label of each row."""
-        return np.asarray(self.classes_, dtype=object)[self.predict_proba(X, persons).argmax(-1)]
+        proba = self.predict_proba(X, persons)
+        return self.classes_[proba.argmax(-1)]
 
     def predict_with_effects(
         self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
     ) -> np.ndarray:
         proba = self.predict_proba_with_effects(X, effects, known)
-        return np.asarray(self.classes_, dtype=object)[proba.argmax(-1)]
+        return self.classes_[proba.argmax(-1)]
 
     def person_bias(self, effects: np.ndarray) -> np.ndarray:
         """``effects: (n, d)`` -> ``(n, n_classes)`` each person's shift of the output logits."""
@@ -437,6 +551,19 @@ class NMEClassifier(_TabularEstimator):
         if key not in parts:
             return np.zeros((e.shape[0], len(self.classes_)))
         return parts[key].numpy().astype(np.float64)
+
+    def score(
+        self,
+        X: ArrayLike,
+        y: ArrayLike,
+        persons: Sequence[Hashable] | np.ndarray | None = None,
+        sample_weight: ArrayLike | None = None,
+    ) -> float:
+        """Accuracy of the personalised predictions (scikit-learn's classifier score); see
+        :meth:`NMERegressor.score`."""
+        pred = as_id_list(self.predict(X, persons))
+        hits = np.asarray([a == b for a, b in zip(pred, as_id_list(y), strict=True)], float)
+        return float(np.average(hits, weights=sample_weight))
 
     def score_per_person(
         self,

@@ -89,12 +89,14 @@ class EvalConfig:
     seed: int = 0
     max_epochs: int = 100
     patience: int | None = 10
-    batch_size: int = 512
+    batch_size: int | str = 512
     sequence_batch_size: int = 32  # sequences per mini-batch (the tagger's default)
     m_step: str | None = None
     device: str = "cpu"
     progress: bool = True
     metrics: tuple[str, ...] | None = None  # None: the task's paper metrics; first = selection
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of every NME estimator (e.g. ``{"e_step": "sgd"}``)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -320,7 +322,8 @@ def make_estimator(
         hidden=params["hidden"], placement=placement or "last", method=method,
         lr=params["lr"], weight_decay=params["weight_decay"], batch_size=config.batch_size,
         max_epochs=config.max_epochs, patience=config.patience,
-        device=config.device, random_state=config.seed, **extra,
+        device=config.device, random_state=config.seed,
+        **{**config.estimator_params, **extra},
     )
 
 
@@ -626,6 +629,7 @@ def evaluate_sequence_frame(
             lr=params["lr"], weight_decay=params["weight_decay"],
             batch_size=config.sequence_batch_size, max_epochs=config.max_epochs,
             patience=config.patience, device=config.device, random_state=config.seed,
+            **config.estimator_params,
         )
 
     def fit(est: Any) -> None:

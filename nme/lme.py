@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from nme.data import ArrayLike, PersonIndex, Standardizer, as_id_list, feature_matrix
 from nme.mlp import MLP
+from nme.train import auto_batch_size
 
 SOLVERS = ("woodbury", "marginal")
 
@@ -50,7 +51,8 @@ class MLPLMERegressor:
     Args:
         hidden: hidden layer widths; ``()`` gives a linear mixed model.
         activation, dropout: as in :class:`nme.mlp.MLP`.
-        lr, weight_decay, batch_size: AdamW on θ̄ in step (a).
+        lr, weight_decay, batch_size: AdamW on θ̄ in step (a); ``batch_size="auto"`` as in
+            the NME estimators (:func:`nme.train.auto_batch_size`).
         epochs_per_step: epochs of step (a) between two EM steps.
         max_iter: outer iterations (one (a) + one EM step each).
         patience: stop after this many iterations without a better validation RMSE (needs a
@@ -68,7 +70,7 @@ class MLPLMERegressor:
         dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        batch_size: int = 512,
+        batch_size: int | str = 512,
         epochs_per_step: int = 1,
         max_iter: int = 100,
         patience: int | None = 10,
@@ -241,6 +243,8 @@ class MLPLMERegressor:
 
         opt = torch.optim.AdamW(self.module_.parameters(), lr=self.lr,
                                 weight_decay=self.weight_decay)
+        batch_size = (auto_batch_size(x.shape[0]) if self.batch_size == "auto"
+                      else int(self.batch_size))
         gen = torch.Generator()
         if self.random_state is not None:
             gen.manual_seed(self.random_state)
@@ -253,8 +257,8 @@ class MLPLMERegressor:
             running = 0.0
             for _ in range(self.epochs_per_step):
                 order = torch.randperm(x.shape[0], generator=gen).to(dev)
-                for s in range(0, x.shape[0], self.batch_size):
-                    idx = order[s : s + self.batch_size]
+                for s in range(0, x.shape[0], batch_size):
+                    idx = order[s : s + batch_size]
                     out = self._outputs(x[idx], self.random_effects_[p[idx]])
                     loss = ((out - yt[idx]) ** 2).mean()
                     opt.zero_grad(set_to_none=True)

@@ -77,6 +77,7 @@ def m_step(
     anneal: float | None = None,
     posterior: tuple[torch.Tensor, float] | None = None,
     fixed_sigma2: float | None = None,
+    fixed_point: bool = False,
 ) -> tuple[float, torch.Tensor]:
     """The M-step after an epoch.
 
@@ -90,6 +91,13 @@ def m_step(
             for linear mixed models (see :func:`laplace_posterior`).
         fixed_sigma2: keep σ² at this value instead of the mean loss (``sigma2="nll"``, see
             :data:`SIGMA2_RULES`); the posterior's σ² term is then ignored.
+        fixed_point: with ``posterior``, solve the same equation Σ = S/(P − 1) + V̄ (S the
+            sum of squares of the modes around their mean, V̄ the mean posterior variance) in
+            its fixed-point form Σ = S / ((P − 1)(1 − V̄/Σ_old)) (MacKay 1992): the same
+            stationary point, reached in a few iterations along parameters that each person's
+            data barely determine (Vᵢ ≈ Σ), where the EM form keeps Σ ≈ Σ_old for many epochs
+            — so the starting Σ would decide. For exact posteriors (the Newton E-step);
+            ``anneal`` does not apply.
 
     Returns:
         ``(sigma2, Sigma)``; Σ is the sample variance (ddof = 1) of θⁱ across persons, per
@@ -98,6 +106,14 @@ def m_step(
     if effects.shape[0] < 2 or effects.shape[1] == 0:
         return float(mean_loss if fixed_sigma2 is None else fixed_sigma2), sigma_old
     var = effects.detach().var(dim=0, unbiased=True)  # (dim,)
+    if posterior is not None and fixed_point:
+        # each person's share of information about a parameter, 1 − Vᵢ/Σ, averaged; at
+        # least one person's worth so a parameter nobody's data determine shrinks, not blows up
+        informed = (1.0 - posterior[0] / sigma_old).clamp_min(1.0 / effects.shape[0])
+        mean_loss = mean_loss + posterior[1]
+        if fixed_sigma2 is not None:
+            mean_loss = fixed_sigma2
+        return float(mean_loss), (var / informed).clamp_min(SIGMA_FLOOR)
     if posterior is not None:
         var = var + posterior[0]
         mean_loss = mean_loss + posterior[1]

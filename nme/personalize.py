@@ -230,9 +230,41 @@ class PersonalizedModule(nn.Module):
             output = output + bias.reshape(b, *([1] * (output.dim() - 2)), bias.shape[-1])
         return output
 
+    def __getstate__(self) -> dict:
+        # the per-thread forward state cannot be pickled (and is empty between forwards)
+        state = self.__dict__.copy()
+        state.pop("_active", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._active = threading.local()
+
     @property
     def effect_dim(self) -> int:
         return self.layout.dim
+
+    @torch.no_grad()
+    def recentre(self) -> torch.Tensor:
+        """Move the mean θⁱ across persons into θ̄: θ̄ += m, θⁱ −= m for every person.
+
+        Every θ̄ + θⁱ, hence every prediction, is unchanged, and Σᵢ θⁱᵀΣ⁻¹θⁱ can only shrink
+        (the mean minimises it), so the NME objective does not increase. At its optimum the
+        mean is zero anyway (the θ̄-gradient of the data term is −2Σ⁻¹ Σᵢ θⁱ there); moving it
+        at once saves the many small Adam steps θ̄ would need to absorb it.
+
+        Returns:
+            ``(dim,)`` the mean that moved (zeros without persons or placed parameters).
+        """
+        table = self.persons.weight
+        if table.shape[0] == 0 or self.layout.dim == 0:
+            return table.new_zeros(self.layout.dim)
+        mean = table.mean(dim=0)  # (dim,)
+        params = dict(self.base.named_parameters())
+        for name, delta in self.layout.split(mean).items():
+            params[name].add_(delta)
+        table.sub_(mean)
+        return mean
 
     def generic_parameters(self) -> list[nn.Parameter]:
         """The trainable θ̄ (everything but the person table)."""
@@ -334,6 +366,10 @@ class _WeakLinearHook:
     def __init__(self, target: PersonalizedModule, owner: str) -> None:
         self._target = weakref.ref(target)
         self._owner = owner
+
+    def __reduce__(self) -> tuple:
+        # pickled (and deep-copied) as its target and owner: the weak reference is rebuilt
+        return (_WeakLinearHook, (self._target(), self._owner))
 
     def __call__(
         self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor

@@ -197,28 +197,6 @@ class NMESequenceTagger(_NMEEstimator):
     behind these defaults are in ``docs/decisions.md``.
     """
 
-    _param_names: ClassVar[tuple[str, ...]] = (
-        "hidden",
-        "placement",
-        "method",
-        "activation",
-        "dropout",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "max_epochs",
-        "patience",
-        "anneal",
-        "m_step",
-        "sigma2",
-        "learn_start_end",
-        "allowed",
-        "states",
-        "device",
-        "random_state",
-        "verbose",
-    )
-
     def __init__(
         self,
         hidden: Sequence[int] = (64,),
@@ -240,24 +218,49 @@ class NMESequenceTagger(_NMEEstimator):
         device: str = "auto",
         random_state: int | None = None,
         verbose: bool = False,
+        e_step: str = "newton",
+        tol: float | None = 1e-4,
+        n_iter_no_change: int = 10,
     ) -> None:
         super().__init__(
             hidden=hidden, placement=placement, method=method, activation=activation,
             dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
             max_epochs=max_epochs, patience=patience, anneal=anneal, m_step=m_step,
             device=device, random_state=random_state, verbose=verbose,
+            e_step=e_step, tol=tol, n_iter_no_change=n_iter_no_change,
         )
-        if isinstance(placement, str) and placement not in SEQUENCE_PLACEMENTS:
+        self.sigma2 = sigma2
+        self.learn_start_end = learn_start_end
+        self.allowed = allowed
+        self.states = states
+
+    def _validate_params(self) -> Self:
+        """The base class's checks plus the tagger's placements, σ² rule, ``allowed`` and
+        ``states`` (see :meth:`nme.base._NMEEstimator._validate_params`)."""
+        super()._validate_params()
+        if isinstance(self.placement, str) and self.placement not in SEQUENCE_PLACEMENTS:
             raise ValueError(
                 f"placement must be one of {SEQUENCE_PLACEMENTS} or a list of parameter names, "
-                f"got {placement!r}"
+                f"got {self.placement!r}"
             )
-        if sigma2 not in SIGMA2_RULES:
-            raise ValueError(f"sigma2 must be one of {SIGMA2_RULES}, got {sigma2!r}")
-        self.sigma2 = sigma2
-        self.learn_start_end = bool(learn_start_end)
-        self.allowed = _normalise_allowed(allowed)
-        self.states = None if states is None else as_id_list(list(states))
+        if self.sigma2 not in SIGMA2_RULES:
+            raise ValueError(f"sigma2 must be one of {SIGMA2_RULES}, got {self.sigma2!r}")
+        if not isinstance(self.learn_start_end, (bool, np.bool_)):
+            raise ValueError(f"learn_start_end must be True or False, "
+                             f"got {self.learn_start_end!r}")
+        _normalise_allowed(self.allowed)  # raises on a malformed matrix or pair list
+        if self.states is not None:
+            states = as_id_list(list(self.states))
+            if len(set(map(str, states))) != len(states):
+                raise ValueError(f"states must be distinct, got {states}")
+        return self
+
+    def _artifact_params(self) -> dict[str, Any]:
+        params = super()._artifact_params()
+        params["allowed"] = _normalise_allowed(self.allowed)
+        params["states"] = None if self.states is None else as_id_list(list(self.states))
+        params["learn_start_end"] = bool(self.learn_start_end)
+        return params
 
     # ----------------------------------------------------------------- hooks of the base class
     def _n_outputs(self) -> int:
@@ -265,7 +268,7 @@ class NMESequenceTagger(_NMEEstimator):
 
     def _build(self, n_features: int, n_persons: int) -> PersonalizedModule:
         base = EmissionCRF(n_features, self.hidden, len(self.states_), self.activation,
-                           self.dropout, self.learn_start_end)
+                           self.dropout, bool(self.learn_start_end))
         names = sequence_placement(base, self.placement)
         return PersonalizedModule(base, names, n_persons, self.method)
 
@@ -286,10 +289,11 @@ class NMESequenceTagger(_NMEEstimator):
     # ----------------------------------------------------------------- input handling
     def _resolve_allowed(self) -> torch.Tensor | None:
         """``(S, S)`` bool of allowed transitions in ``states_`` order, or None (all allowed)."""
-        if self.allowed is None:
+        allowed = _normalise_allowed(self.allowed)
+        if allowed is None:
             return None
         n = len(self.states_)
-        arr = np.asarray(self.allowed, dtype=object)
+        arr = np.asarray(allowed, dtype=object)
         if arr.ndim == 2 and all(isinstance(v, bool) for v in arr.ravel()):
             if arr.shape != (n, n):
                 raise ValueError(f"allowed has shape {arr.shape}, expected ({n}, {n}) for the "
@@ -297,12 +301,12 @@ class NMESequenceTagger(_NMEEstimator):
             mask = torch.tensor(arr.astype(bool))
         else:
             index = {s: k for k, s in enumerate(self.states_)}
-            unknown = sorted({str(s) for pair in self.allowed for s in pair if s not in index})
+            unknown = sorted({str(s) for pair in allowed for s in pair if s not in index})
             if unknown:
                 raise ValueError(f"forbidden transitions name unknown states {unknown}; "
                                  f"states are {self.states_}")
             mask = torch.ones(n, n, dtype=torch.bool)
-            for a, b in self.allowed:
+            for a, b in allowed:
                 mask[index[a], index[b]] = False
         if not bool(mask.any(dim=1).all()):
             raise ValueError("allowed forbids every transition out of some state")
@@ -452,7 +456,7 @@ class NMESequenceTagger(_NMEEstimator):
             raise ValueError(f"persons has {len(ids)} entries for {len(feats)} sequences")
         x_list = self._features(feats, "sequences", fitting=True)
         if self.states is not None:
-            self.states_ = list(self.states)
+            self.states_ = as_id_list(list(self.states))
         else:
             seen = {s for lab in labels for s in as_id_list(lab)}
             self.states_ = sorted(seen, key=lambda c: (str(type(c)), c))
@@ -495,10 +499,10 @@ class NMESequenceTagger(_NMEEstimator):
         assert y is not None
         return x, mask, y
 
-    def _train_config(self) -> TrainConfig:
+    def _train_config(self, n_items: int) -> TrainConfig:
         # Padded sequences are far bigger than table rows: smaller chunks for the passes over
         # the training set (the Fisher of the Laplace M-step).
-        return replace(super()._train_config(), eval_batch_size=512, sigma2=self.sigma2)
+        return replace(super()._train_config(n_items), eval_batch_size=512, sigma2=self.sigma2)
 
     def _train_losses(
         self,
@@ -659,13 +663,19 @@ class NMESequenceTagger(_NMEEstimator):
         return probs if many else probs[0]
 
     # ----------------------------------------------------------------- per-person E-step
+    _newton_e_step = False
+    """θⁱ keep the values the epochs gave them (``fit``) or L-BFGS's (``fit_person``): a
+    Newton E-step for the CRF needs its exact transition Hessian, not the empirical Fisher
+    (another issue). The posterior variance uses the Fisher curvature of the sequence NLLs."""
+
     def fit_person(
         self,
         features_list: Sequence[ArrayLike],
         labels_list: Sequence[Sequence[Hashable]],
         init: np.ndarray | None = None,
         max_iter: int = 100,
-    ) -> np.ndarray:
+        return_variance: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """E-step for one person: θ̄, σ², Σ fixed, only this person's θⁱ optimised.
 
         Minimises (1/σ²) Σₖ NLL(sequence k; θ̄ + θ) + θᵀΣ⁻¹θ with L-BFGS (no penalty and
@@ -675,24 +685,21 @@ class NMESequenceTagger(_NMEEstimator):
             features_list: ``(Lₖ, F)`` the person's labelled sequences; ``labels_list`` their
                 ``(Lₖ,)`` labels.
             init: ``(d,)`` starting θⁱ (e.g. the person's current row).
+            max_iter: L-BFGS iterations at most.
+            return_variance: also return the diagonal Laplace posterior variance of θⁱ
+                (empirical Fisher of the sequence NLLs).
 
         Returns:
-            ``(d,) float32`` the person's new θⁱ.
+            ``(d,) float32`` the person's new θⁱ; with ``return_variance=True``
+            ``(theta (d,), variance (d,))``.
         """
         self._check_fitted()
         if len(features_list) == 0 or self.n_effects_ == 0:
-            return self._fit_person(None, init, max_iter)
+            return self._fit_person(None, init, max_iter, return_variance)
         x, mask, y = self._labelled_tensors(features_list, labels_list, "features_list",
                                             "labels_list")
-        base = self.module_.base
-
-        def losses(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            em = torch.func.functional_call(base, params, (x,))  # (n, L, S)
-            # θ̄ + θ already sits in params, T included when it is placed
-            transitions, start, end = params[TRANSITIONS], params.get("start"), params.get("end")
-            return -crf.log_likelihood(em, y, mask, transitions, start, end, self.allowed_)
-
-        return self._fit_person(losses, init, max_iter)
+        items = _Items(x=x, y=y, ids=[0] * x.shape[0], mask=mask)
+        return self._fit_person(items, init, max_iter, return_variance)
 
     # ----------------------------------------------------------------- scoring
     def score_per_person(

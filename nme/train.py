@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from nme.estep import Posterior
 from nme.objective import (
     M_STEPS,
     NLL_SIGMA2,
@@ -38,6 +39,23 @@ SquaredGrads = Callable[[], torch.Tensor]
 """Returns ``(n_persons, dim)``: the curvature Hᵢ of :func:`nme.objective.laplace_posterior`
 (for squared error the exact Gauss–Newton Σⱼ (∂f(Xⁱⱼ)/∂θⁱ)²); without it the Laplace M-step
 uses the empirical Fisher of ``item_loss``."""
+
+AUTO_BATCH = (32, 512, 16)
+"""``batch_size="auto"``: ``clip(n_items // 16, 32, 512)`` (see :func:`auto_batch_size`)."""
+
+
+def auto_batch_size(n_items: int) -> int:
+    """The batch size ``"auto"`` stands for: about 16 steps per epoch, within [32, 512].
+
+    Small data get enough Adam steps per epoch for θ̄ to move (sleepstudy's 180 rows: 32 rows,
+    6 steps, where 512 would be one step per epoch); large data keep the throughput of 512.
+    """
+    low, high, steps = AUTO_BATCH
+    return int(min(high, max(low, n_items // steps)))
+
+
+BATCHINGS = ("random", "person")
+"""How an epoch cuts the items into batches (see :attr:`TrainConfig.batching`)."""
 
 Validate = Callable[[], dict[str, float]]
 """Returns at least ``{"val_loss": …}`` (lower is better) and optionally ``"val_metric"``."""
@@ -66,6 +84,20 @@ class TrainConfig:
     weights keep the objective the same; person batches touch far fewer θⁱ rows per step, which
     is what makes wide placements (``all``) cheap — at the price of batches that are less mixed
     for θ̄."""
+    tol: float | None = None
+    """Convergence test: training has converged once, for ``n_iter_no_change`` epochs in a row,
+    the mean training loss, σ² and the mean of Σ each changed by at most ``tol`` relative to
+    their previous value. None: no test (run until ``max_epochs`` or early stopping)."""
+    n_iter_no_change: int = 10
+
+
+EStep = Callable[[float, torch.Tensor], Posterior]
+"""``e_step(σ², Σ (dim,))`` sets every θⁱ row of the person table to its posterior mode under
+σ², Σ and returns the :class:`~nme.estep.Posterior` (see ``_NMEEstimator._e_step``)."""
+
+STOP_REASONS = ("converged", "validation", "max_epochs")
+"""Why the loop ended: the convergence test on the training objective, early stopping on the
+validation loss, or the epoch budget."""
 
 
 @dataclass
@@ -76,6 +108,15 @@ class TrainResult:
     Sigma: torch.Tensor
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
+    n_iter: int = 0
+    """Epochs run."""
+    stop_reason: str = "max_epochs"
+    """One of :data:`STOP_REASONS`."""
+
+    @property
+    def converged(self) -> bool:
+        """The loop ended by a convergence test (objective or validation), not the budget."""
+        return self.stop_reason != "max_epochs"
 
 
 def _mean_loss(item_loss: ItemLoss, n_items: int, chunk: int, device: torch.device) -> float:
@@ -134,6 +175,7 @@ def fit_loop(
     validate: Validate | None = None,
     callback: Callable[[dict], None] | None = None,
     squared_grads: SquaredGrads | None = None,
+    e_step: EStep | None = None,
 ) -> TrainResult:
     """Train ``module`` in place.
 
@@ -148,12 +190,17 @@ def fit_loop(
         squared_grads: the exact curvature for ``config.m_step == "laplace"`` (regression's
             Gauss–Newton); None uses the empirical Fisher of ``item_loss`` (see
             :func:`nme.objective.laplace_posterior`).
+        e_step: with the penalised method, run after every epoch's Adam steps: θⁱ ← their
+            posterior modes, then the mean θⁱ moves into θ̄
+            (:meth:`~nme.personalize.PersonalizedModule.recentre`), and the M-step uses the
+            E-step's exact loss at the modes and its posterior (for ``"laplace"``).
 
     Returns:
-        σ², Σ (diagonal, ``(dim,)``), the per-epoch history and the best epoch.
+        σ², Σ (diagonal, ``(dim,)``), the per-epoch history, the best epoch, the epochs run
+        and why the loop stopped.
     """
-    if config.batching not in ("random", "person"):
-        raise ValueError(f"batching must be 'random' or 'person', got {config.batching!r}")
+    if config.batching not in BATCHINGS:
+        raise ValueError(f"batching must be one of {BATCHINGS}, got {config.batching!r}")
     if config.m_step not in M_STEPS:
         raise ValueError(f"m_step must be one of {M_STEPS}, got {config.m_step!r}")
     if config.sigma2 not in SIGMA2_RULES:
@@ -184,6 +231,8 @@ def fit_loop(
     best_val = float("inf")
     best_state: dict | None = None
     stale = 0
+    quiet = 0  # consecutive epochs whose monitored values changed by at most tol
+    previous: tuple[float, ...] | None = None
     epochs = tqdm(range(config.max_epochs), disable=not config.verbose, desc="epochs", unit="ep")
     for epoch in epochs:
         t0 = time.perf_counter()
@@ -209,23 +258,34 @@ def fit_loop(
             seen += idx.shape[0]
 
         module.eval()
+        estep: Posterior | None = None
+        if penalised and e_step is not None and dim:
+            estep = e_step(sigma2, Sigma)
+            module.recentre()
         with torch.no_grad():
             record: dict = {"epoch": epoch + 1, "max_epochs": config.max_epochs}
             record["train_loss"] = running / max(seen, 1)
+            if estep is not None:
+                # the E-step evaluated every item at the modes: the exact mean loss
+                record["train_loss"] = estep.loss_sum / max(n_items, 1)
             if penalised:
-                # σ² is the mean downstream loss over the training set as the epoch visited
-                # it (each item once); an exact second pass would add a forward over every
-                # item to every epoch for a difference that vanishes as training converges.
+                # σ² is the mean downstream loss over the training set (without an E-step
+                # pass: as the epoch visited it, each item once; an exact second pass would
+                # add a forward over every item to every epoch for a difference that
+                # vanishes as training converges).
                 mean = record["train_loss"]
                 posterior = None
-                if config.m_step == "laplace" and dim:
+                if config.m_step == "laplace" and dim and estep is not None:
+                    posterior = (estep.mean_variance, estep.excess / max(n_items, 1))
+                elif config.m_step == "laplace" and dim:
                     curvature = (
                         squared_grads() if squared_grads is not None
                         else empirical_fisher(module, persons, item_loss, config.eval_batch_size)
                     )
                     posterior = laplace_posterior(curvature, sigma2, Sigma, n_items)
                 sigma2, Sigma = m_step(
-                    mean, module.persons.weight, Sigma, config.anneal, posterior, fixed_sigma2
+                    mean, module.persons.weight, Sigma, config.anneal, posterior, fixed_sigma2,
+                    fixed_point=estep is not None,
                 )
             record["sigma2"] = sigma2
             record["Sigma_mean"] = float(Sigma.mean()) if dim else 0.0
@@ -238,9 +298,24 @@ def fit_loop(
             epochs.set_postfix({k: f"{record[k]:.4g}" for k in shown if k in record})
         if callback is not None:
             callback(record)
+        result.n_iter = epoch + 1
+
+        current = (record["train_loss"], record["sigma2"], record["Sigma_mean"])
+        if previous is not None and config.tol is not None and all(
+            abs(a - b) <= config.tol * max(abs(b), 1e-12)
+            for a, b in zip(current, previous, strict=True)
+        ):
+            quiet += 1
+        else:
+            quiet = 0
+        previous = current
+        converged = config.tol is not None and quiet >= config.n_iter_no_change
 
         if validate is None:
             result.best_epoch = epoch + 1
+            if converged:
+                result.stop_reason = "converged"
+                break
             continue
         if record["val_loss"] < best_val:
             best_val = record["val_loss"]
@@ -254,7 +329,11 @@ def fit_loop(
         else:
             stale += 1
             if config.patience is not None and stale >= config.patience:
+                result.stop_reason = "validation"
                 break
+        if converged:
+            result.stop_reason = "converged"
+            break
 
     if best_state is not None:
         module.load_state_dict(best_state["module"])

@@ -25,6 +25,7 @@ process is faster than fighting over cores (``--threads``).
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from pathlib import Path
@@ -110,12 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chem-per-group", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", default="512",
+                        help="rows per batch for the table datasets, or auto")
+    parser.add_argument("--m-step", default=None, help="NME's M-step (default: the estimator's)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="further NME estimator parameter (a Python literal), repeatable")
     parser.add_argument("--seq-persons", type=int, default=60)
     parser.add_argument("--only",
                         help="comma-separated subset of mood,sleepstudy,chem97,sequences")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
 
     datasets = {
         "mood": ("Simulated mood (100 persons × 60 days)" if (args.persons, args.days) ==
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         config = EvalConfig(task=task, grid=args.grid, min_test=min_test,
                             n_bootstrap=args.bootstrap, seed=args.seed,
                             max_epochs=args.max_epochs, patience=args.patience,
-                            metrics=metrics)
+                            metrics=metrics, batch_size=batch_size, m_step=args.m_step,
+                            estimator_params=extra)
         t0 = time.perf_counter()
         if task == "sequence":
             result = evaluate_sequence_frame(

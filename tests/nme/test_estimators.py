@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from nme import ArtifactError, NMEClassifier, NMERegressor, load_estimator
+from nme.train import auto_batch_size
 
 FAST = {"hidden": (16,), "max_epochs": 15, "batch_size": 128, "lr": 3e-3, "random_state": 0}
 
@@ -109,7 +112,7 @@ def test_save_load_round_trip_is_bit_identical(
     files = {p.name for p in (tmp_path / "model").iterdir()}
     assert files == {"config.json", "weights.safetensors"}
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["schema_version"] == 1
+    assert config["schema_version"] == 2
     assert config["effects_layout"] == [
         {"name": "layers.1.weight", "shape": [1, 16]},
         {"name": "layers.1.bias", "shape": [1]},
@@ -176,7 +179,7 @@ def test_classifier_probabilities_and_save_load(mood_splits, features, tmp_path:
     proba = est.predict_proba(test[features], test["user"])
     assert proba.shape == (len(test), 2)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
-    assert est.classes_ == ["good", "low"]
+    assert list(est.classes_) == ["good", "low"]
     assert est.score_per_person(test[features], label(test), test["user"]) > 0.6
     est.save(tmp_path / "clf")
     loaded = NMEClassifier.load(tmp_path / "clf")
@@ -185,8 +188,53 @@ def test_classifier_probabilities_and_save_load(mood_splits, features, tmp_path:
         NMERegressor.load(tmp_path / "clf")
 
 
-def test_invalid_hyper_parameters() -> None:
-    with pytest.raises(ValueError, match="method"):
-        NMERegressor(method="lme")
-    with pytest.raises(ValueError, match="anneal"):
-        NMERegressor(anneal=1.5)
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"method": "lme"}, "method"),
+        ({"anneal": 1.5}, "anneal"),
+        ({"hidden": (0,)}, "hidden"),
+        ({"hidden": "64"}, "hidden"),
+        ({"placement": 3}, "placement"),
+        ({"activation": "sigmoid"}, "activation"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"lr": 0.0}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"patience": 0}, "patience"),
+        ({"m_step": "exact"}, "m_step"),
+        ({"batching": "sorted"}, "batching"),
+        ({"random_state": "zero"}, "random_state"),
+    ],
+)
+def test_invalid_hyper_parameters_are_refused_by_validate_and_fit(
+    params: dict, message: str, mood_splits, features  # type: ignore[no-untyped-def]
+) -> None:
+    est = NMERegressor(**params)  # scikit-learn convention: __init__ only stores
+    assert est.get_params()[next(iter(params))] is params[next(iter(params))]
+    with pytest.raises(ValueError, match=message):
+        est._validate_params()
+    train, _, _ = mood_splits
+    with pytest.raises(ValueError, match=message):
+        est.fit(train[features].iloc[:20], train["mood"].iloc[:20], train["user"].iloc[:20])
+
+
+def test_budget_convergence_attributes_and_warning(mood_splits, features) -> None:  # type: ignore[no-untyped-def]
+    train, val, _ = mood_splits
+    X, y, who = train[features], train["mood"], train["user"]
+    with pytest.warns(ConvergenceWarning, match="max_epochs=2"):
+        short = NMERegressor(**{**FAST, "max_epochs": 2}).fit(X, y, who)
+    assert (short.n_iter_, short.converged_) == (2, False)
+    # early stopping on validation is a convergence test too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = NMERegressor(**{**FAST, "max_epochs": 200, "patience": 3}).fit(
+            X, y, who, val[features], val["mood"], val["user"])
+    assert est.converged_ and est.n_iter_ == len(est.history_) < 200
+    assert est.best_epoch_ == est.n_iter_ - 3
+
+
+@pytest.mark.parametrize(("n", "expected"), [(10, 32), (180, 32), (3600, 225), (10**6, 512)])
+def test_auto_batch_size(n: int, expected: int) -> None:
+    assert auto_batch_size(n) == expected

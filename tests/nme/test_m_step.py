@@ -127,9 +127,9 @@ def test_crf_sigma_does_not_collapse_with_the_laplace_m_step() -> None:
 
 def test_sigma2_rule_is_checked() -> None:
     with pytest.raises(ValueError, match="sigma2"):
-        NMESequenceTagger(sigma2="half")
+        NMESequenceTagger(sigma2="half")._validate_params()
     with pytest.raises(ValueError, match="m_step"):
-        NMESequenceTagger(m_step="exact")
+        NMESequenceTagger(m_step="exact")._validate_params()
 
 
 # --------------------------------------------------------------------------- classification

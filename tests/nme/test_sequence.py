@@ -274,7 +274,7 @@ def test_bad_placements_are_refused() -> None:
     with pytest.raises(ValueError, match="start/end"):
         sequence_placement(base, ["start"])
     with pytest.raises(ValueError, match="placement"):
-        NMESequenceTagger(placement="first+T")
+        NMESequenceTagger(placement="first+T")._validate_params()
     with pytest.raises(ValueError, match="layers.7.bias"):
         sequence_placement(base, ["layers.7.bias"])
 
