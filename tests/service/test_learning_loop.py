@@ -314,7 +314,15 @@ def test_first_version_must_beat_the_training_mean(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ingest(client, auth, simulated_items())
-    shuffled_fits(monkeypatch)
+    original = refit_module.fit_estimator
+
+    def fit_on_mirrored_labels(model: Any, data: Any, **kwargs: Any) -> Any:
+        # Labels mirrored around their mean: every prediction lands on the wrong side, so the
+        # version is worse than predicting the mean (scored on the true labels).
+        mirrored = 2 * data.y_train.mean() - data.y_train
+        return original(model, replace(data, y_train=mirrored), **kwargs)
+
+    monkeypatch.setattr(refit_module, "fit_estimator", fit_on_mirrored_labels)
     client.post("/v1/models/mood/refit", headers=auth("admin"))
     run_jobs(client)
     assert version_rows(session_factory) == [(1, "ready")]
