@@ -57,9 +57,11 @@ def check_refit_triggers(
             if age > max_age_seconds:
                 reason = f"version {active.version} is {age:.0f} s old with {new} new labels"
         if reason is not None:
-            job, _ = enqueue_job(
+            job, created = enqueue_job(
                 session, kind="refit", model_id=model.id, max_attempts=max_attempts
             )
+            if not created:  # a refit was queued (by hand) since pending_refit looked
+                continue
             events.add_event(
                 session, model_id=model.id, kind="refit_queued", job_id=job.id,
                 actor="trigger", detail=f"refit queued: {reason}",

@@ -240,3 +240,35 @@ def test_jobs_need_admin_and_exist(client: TestClient, auth: Callable, mood_mode
     assert client.get("/v1/jobs/1", headers=auth("predict")).status_code == 403
     assert client.get("/v1/jobs/99", headers=auth("admin")).status_code == 404
     assert client.get("/v1/models/nope/jobs", headers=auth("admin")).status_code == 404
+
+
+def test_trigger_racing_a_manual_refit_adds_no_second_event(
+    client: TestClient, auth: Callable, trained_mood: dict, session_factory: sessionmaker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refit queued by hand between the trigger's look and its insert is joined, not
+    announced twice: every ``refit_queued`` event names a job of its own."""
+    from service.jobs import triggers
+    from service.storage.tables import ModelEvent
+
+    mid = model_id(session_factory)
+    ingest(client, auth, [
+        {"user_id": "u0001", "day": f"2026-04-0{d}", "features": features(), "label": 40.0}
+        for d in range(1, 4)
+    ])
+    with session_factory() as session:
+        manual, created = queue.enqueue_job(session, kind="refit", model_id=mid)
+        assert created
+        session.commit()
+    monkeypatch.setattr(triggers, "pending_refit", lambda session, model_id: False)
+    with session_factory() as session:
+        assert check_refit_triggers(session, min_new_labels=3, max_age_seconds=0) == []
+        session.commit()
+        queued = session.scalars(
+            select(Job.id).where(Job.kind == "refit", Job.status == "queued")
+        ).all()
+        announced = session.scalars(
+            select(ModelEvent.job_id).where(ModelEvent.kind == "refit_queued")
+        ).all()
+    assert queued == [manual.id]
+    assert manual.id not in announced
