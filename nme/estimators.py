@@ -639,13 +639,22 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
         self.classes_ = _label_array(list(config["classes"]))
 
     def predict_proba(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
-        """``(n, n_classes)`` class probabilities, columns in the order of ``classes_``."""
+        """``(n, n_classes)`` class probabilities, columns in the order of ``classes_``.
+
+        A plug-in estimate: the softmax of the logits at θ̄ + θ̂ⁱ, the posterior mode of the
+        person's θⁱ (the fallback row, θⁱ = 0, for unknown persons). The posterior
+        uncertainty of θⁱ (:meth:`effects_variance_matrix`) is not integrated over, so the
+        probabilities of a person with few observations are not pulled towards the
+        population's beyond what the prior's shrinkage of their mode already does; they are
+        not per-person calibrated the way :meth:`NMERegressor.predict_interval` is.
+        """
         return torch.softmax(self._raw(X, persons=persons), -1).cpu().numpy()
 
     def predict_proba_with_effects(
         self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
     ) -> np.ndarray:
-        """Like :meth:`predict_proba` with explicit θⁱ rows ``(n, d)`` (see the regressor)."""
+        """Like :meth:`predict_proba` (the same plug-in of the given rows) with explicit θⁱ
+        rows ``(n, d)`` (see the regressor)."""
         return torch.softmax(self._raw(X, effects=effects, known=known), -1).cpu().numpy()
 
     def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:

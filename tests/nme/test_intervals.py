@@ -52,6 +52,36 @@ def test_intervals_cover_held_out_days(mood) -> None:  # type: ignore[no-untyped
     assert 0.88 <= covered <= 0.92, covered
 
 
+def test_intervals_are_calibrated_when_the_model_is_right() -> None:
+    """A linear mixed model with Gaussian random intercepts, slopes and noise, fitted by the
+    linear NME (the model is right, and with centred features the posterior covariance is
+    nearly diagonal): 90 % intervals cover 90 % of 3 000 new observations (seeds 0-3 gave
+    89.9, 88.0, 89.7, 89.9 %; slightly under 90 because θ̄'s own error is left out)."""
+    rng = np.random.default_rng(0)
+    n_persons, n_features, n_new = 150, 3, 20
+    n_train = np.where(np.arange(n_persons) < 30, 3, 20)  # 30 persons with 3 observations
+    b = rng.normal(0, 2, n_persons)
+    slopes = rng.normal(0, 1, (n_persons, n_features))
+    beta = np.array([1.0, -0.5, 0.3])
+    parts = []
+    for p in range(n_persons):  # the simulation only; the fit is vectorised
+        x = rng.normal(0, 1, (n_train[p] + n_new, n_features))
+        y = 10 + x @ beta + b[p] + x @ slopes[p] + rng.normal(0, 1, len(x))
+        parts.append((x, y, p, n_train[p]))
+    x_tr = np.concatenate([x[:k] for x, _, _, k in parts])
+    y_tr = np.concatenate([y[:k] for _, y, _, k in parts])
+    p_tr = np.concatenate([[p] * k for _, _, p, k in parts])
+    x_te = np.concatenate([x[k:] for x, _, _, k in parts])
+    y_te = np.concatenate([y[k:] for _, y, _, k in parts])
+    p_te = np.repeat(np.arange(n_persons), n_new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est = NMERegressor(hidden=(), random_state=0, device="cpu").fit(x_tr, y_tr, p_tr)
+    bounds = est.predict_interval(x_te, p_te, coverage=0.9)
+    covered = float(np.mean((bounds[:, 0] <= y_te) & (y_te <= bounds[:, 1])))
+    assert 0.88 <= covered <= 0.92, covered
+
+
 def test_interval_is_mean_plus_minus_quantile_times_std(mood) -> None:  # type: ignore[no-untyped-def]
     est, _, test = mood
     x, users = test[MOOD_FEATURES].head(50), test["user"].head(50)
