@@ -332,6 +332,14 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
     (:mod:`nme.estep`); otherwise θⁱ stay as the epochs left them and only their posterior
     variance is computed."""
 
+    _effects_covariance: torch.Tensor | None = None
+
+    COVARIANCE_MAX_FLOATS: ClassVar[int] = 1 << 25
+    """Training persons keep their whole posterior covariance ``(P, d, d)`` (for the
+    prediction intervals: a network's θⁱ are strongly correlated, and their diagonal alone
+    over-covers) while P·d² stays under this many floats (128 MiB in float32), e.g. 7 900
+    persons at the default regressor's d = 65; beyond it, only the diagonal."""
+
     NEWTON_STEPS: ClassVar[int] = 8
     """Newton steps at most of an E-step whose curvature depends on θⁱ (the steps stop
     earlier once every person's Newton decrement is negligible)."""
@@ -494,6 +502,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
             Sigma: torch.Tensor,
             max_iter: int | None = None,
             keep_variance: bool = False,
+            keep_covariance: bool = False,
         ) -> Posterior:
             if max_iter is None:
                 max_iter = (1 if constant else self.NEWTON_STEPS if full
@@ -506,6 +515,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
                     module.persons.weight.data, groups, item_losses, item_curvature,
                     sigma2, 1.0 / Sigma, max_iter=max_iter, full=full,
                     constant_curvature=constant, keep_variance=keep_variance,
+                    keep_covariance=keep_covariance,
                 )
             finally:
                 module.train(training)
@@ -522,15 +532,20 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         """
         dim = self.module_.effect_dim
         n_persons = self.module_.persons.n_persons
+        self._effects_covariance = None
         if dim == 0 or n_persons == 0:
             self._effects_variance = torch.zeros(n_persons, dim, device=self.device_)
             return
         run = self._e_step(items, persons)
         final_newton = self.method == "nme" and self._newton_e_step and self.e_step != "sgd"
+        keep_covariance = (dim <= FULL_MAX_DIM
+                           and n_persons * dim * dim <= self.COVARIANCE_MAX_FLOATS)
         post = run(self.sigma2_, self._Sigma_flat, None if final_newton else 0,
-                   keep_variance=True)
+                   keep_variance=True, keep_covariance=keep_covariance)
         assert post.variance is not None
         self._effects_variance = post.variance.detach()
+        if post.covariance is not None:
+            self._effects_covariance = post.covariance.detach()
 
     def _set_fallback(self) -> None:
         """θⁱ used for unknown persons: zero, or the persons' mean under ``specific``."""
@@ -549,6 +564,48 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
             return self.fallback_effect_.expand(len(ids), -1)
         rows = table[idx.clamp(min=0)]
         return torch.where((idx >= 0).unsqueeze(-1), rows, self.fallback_effect_)
+
+    def _variance_for(self, ids: list) -> torch.Tensor:
+        """Posterior variances of θⁱ ``(n, dim)`` (training scale) for person ids; unknown
+        persons (and every person of an estimator loaded without effects) get the prior Σ."""
+        idx = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
+        prior = self._Sigma_flat.to(self.device_)
+        table = self._effects_variance
+        if table.shape[0] == 0:
+            return prior.expand(len(ids), -1)
+        rows = table[idx.clamp(min=0)]
+        return torch.where((idx >= 0).unsqueeze(-1), rows, prior)
+
+    def _covariance_for(self, ids: list) -> torch.Tensor | None:
+        """Whole posterior covariances of θⁱ ``(n, dim, dim)`` (training scale) for person
+        ids — diag(prior Σ) for unknown persons — or None when the estimator keeps only the
+        diagonal (see :attr:`COVARIANCE_MAX_FLOATS`)."""
+        table = self._effects_covariance
+        if table is None or table.shape[0] == 0:
+            return None
+        idx = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
+        prior = torch.diag(self._Sigma_flat.to(self.device_))  # (dim, dim)
+        rows = table[idx.clamp(min=0)]
+        return torch.where((idx >= 0)[:, None, None], rows, prior)
+
+    def _variance_tensor(
+        self, variance: np.ndarray | None, known: np.ndarray | None, n: int
+    ) -> torch.Tensor:
+        """``variance: (n, d)`` posterior variances of θⁱ rows as a tensor; None, and rows
+        where ``known: (n,) bool`` is False, get the prior Σ (what an unknown person has)."""
+        prior = self._Sigma_flat.to(self.device_)
+        if variance is None:
+            return prior.expand(n, -1)
+        v = torch.as_tensor(np.asarray(variance, dtype=np.float32), device=self.device_)
+        if v.ndim != 2 or v.shape != (n, self.n_effects_):
+            raise ValueError(f"effects_variance must have shape ({n}, {self.n_effects_}), "
+                             f"got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            raise ValueError("effects_variance must be finite and non-negative")
+        if known is None:
+            return v
+        k = torch.as_tensor(np.asarray(known, dtype=bool), device=self.device_)
+        return torch.where(k.unsqueeze(-1), v, prior)
 
     def _effects_tensor(self, effects: np.ndarray, known: np.ndarray | None) -> torch.Tensor:
         """``effects: (n, d)`` θⁱ rows as a tensor; rows where ``known: (n,) bool`` is False
@@ -612,6 +669,16 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         """
         self._check_fitted()
         return self._effects_variance.detach().cpu().numpy().astype(np.float32).copy()
+
+    def effects_covariance_matrix(self) -> np.ndarray | None:
+        """``(n_persons, d, d) float32`` every training person's whole Laplace posterior
+        covariance of θⁱ (training scale, rows in :attr:`person_ids_` order), or None where
+        only the diagonal is kept (d > :data:`nme.estep.FULL_MAX_DIM` or more than
+        :attr:`COVARIANCE_MAX_FLOATS` floats)."""
+        self._check_fitted()
+        if self._effects_covariance is None:
+            return None
+        return self._effects_covariance.detach().cpu().numpy().astype(np.float32).copy()
 
     def person_effects(self, person: Hashable) -> dict[str, torch.Tensor]:
         """θⁱ of one person per placed parameter (zeros, or the fallback, if unknown)."""
@@ -760,6 +827,8 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         if include_effects:
             tensors["effects"] = self.module_.persons.weight
             tensors["effects_variance"] = self._effects_variance
+            if self._effects_covariance is not None:
+                tensors["effects_covariance"] = self._effects_covariance
         tensors.update(self._extra_tensors())
         write_artifact(path, config, tensors)
 
@@ -833,6 +902,12 @@ def load_estimator(path: str | os.PathLike, device: str | None = None) -> _NMEEs
             raise ArtifactError(f"artifact {path}: effects_variance has shape "
                                 f"{tuple(variance.shape)}, expected ({n_rows}, {dim})")
         est._effects_variance = variance.to(est.device_).clone()
+        covariance = tensors.get("effects_covariance")  # optional: small tables only
+        if covariance is not None and tuple(covariance.shape) != (n_rows, dim, dim):
+            raise ArtifactError(f"artifact {path}: effects_covariance has shape "
+                                f"{tuple(covariance.shape)}, expected ({n_rows}, {dim}, {dim})")
+        est._effects_covariance = (None if covariance is None
+                                   else covariance.to(est.device_).clone())
     except ArtifactError:
         raise
     except (KeyError, RuntimeError, TypeError, ValueError) as err:

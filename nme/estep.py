@@ -73,6 +73,8 @@ class Posterior:
         excess: Σᵢ tr(Hᵢ Cᵢ): Σ over items of the expected excess loss E[l(θ)] − l(θ̂) under
             the posterior (see :func:`nme.objective.laplace_posterior`).
         newton_steps: Newton iterations taken (the largest over chunks).
+        covariance: ``(P, d, d)`` float32 the whole Cᵢ (``keep_covariance=True`` with full
+            precisions), else None.
     """
 
     modes: torch.Tensor
@@ -82,6 +84,7 @@ class Posterior:
     loss_sum: float
     excess: float
     newton_steps: int
+    covariance: torch.Tensor | None = None
 
     @property
     def mean_variance(self) -> torch.Tensor:
@@ -249,6 +252,7 @@ def posterior_modes(
     tol: float = 1e-10,
     constant_curvature: bool = False,
     keep_variance: bool = True,
+    keep_covariance: bool = False,
 ) -> Posterior:
     """Newton steps on every person's Jᵢ from the rows of ``table`` to the posterior modes.
 
@@ -268,6 +272,8 @@ def posterior_modes(
             one full step is exact, and its curvature is reused instead of evaluated again.
         keep_variance: return every person's posterior variance ``(P, d)`` (else only their
             sum, which is all the M-step needs).
+        keep_covariance: also return every person's whole posterior covariance ``(P, d, d)``
+            (only with full precisions; ``P·d²`` floats: the caller bounds it).
 
     Returns:
         :class:`Posterior` at the final modes; its variance and ``excess`` use the curvature
@@ -280,6 +286,7 @@ def posterior_modes(
     sigma_inv = sigma_inv.to(torch.float64)
     modes = table.detach()
     variance = torch.empty_like(modes) if keep_variance else None
+    covariance = modes.new_empty(P, d, d) if keep_covariance and full else None
     variance_sum = modes.new_zeros(d, dtype=torch.float64)
     loss_sum, excess, steps_taken = 0.0, 0.0, 0
     for bound in groups.bounds:
@@ -312,9 +319,12 @@ def posterior_modes(
             # tr(Hᵢ Cᵢ) needs the whole Cᵢ: Σ_kl Hᵢ[k, l] Cᵢ[l, k]
             cov = torch.cholesky_inverse(_cholesky(precision))
             excess += float((curv * cov).sum())
+            if covariance is not None:
+                covariance[chunk.p0 : chunk.p1] = cov.to(modes.dtype)
         else:
             excess += float((h_c * var).sum())
-    return Posterior(modes, variance, variance_sum, P, loss_sum, excess, steps_taken)
+    return Posterior(modes, variance, variance_sum, P, loss_sum, excess, steps_taken,
+                     covariance)
 
 
 def _line_search(
