@@ -318,8 +318,8 @@ def make_estimator(
             patience=config.patience, device=config.device, random_state=config.seed,
         )
     cls = NMERegressor if config.task == "regression" else NMEClassifier
-    # None keeps each estimator's own default M-step (paper for regression, Laplace for
-    # classification); only the penalised variant uses Σ at all
+    # None keeps the estimator's own default M-step (Laplace); only the penalised variant uses
+    # Σ at all
     extra = {"m_step": config.m_step} if config.m_step is not None and method == "nme" else {}
     return cls(
         hidden=params["hidden"], placement=placement or "last", method=method,

@@ -172,7 +172,9 @@ def plot_bias_vs_baseline(result: EvaluationResult, path: str | Path) -> Path | 
     runs.sort(key=lambda r: (r.method != REFERENCE, r.placement or ""))
     if not runs:
         return None
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
+    # one quantity in one unit for every panel: a shared y axis compares them directly
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False,
+                             sharey=True)
     target = result.data.get("target", "target")
     if result.config.task == "regression":
         ylabel = f"personalised − unknown-person prediction\n(mean over test rows, {target})"
@@ -190,7 +192,7 @@ def plot_bias_vs_baseline(result: EvaluationResult, path: str | Path) -> Path | 
         ax.set_title(f"{METHOD_LABELS[r.method]} ({r.placement}): r = {pearson_r(x, y):.2f}",
                      fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+    axes[0, 0].set_ylabel(ylabel)
     fig.suptitle(f"{result.data['name']}: person's prediction shift vs. training baseline",
                  fontsize=11)
     fig.tight_layout()
