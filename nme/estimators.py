@@ -11,9 +11,9 @@ original scale). Unknown persons get the generic model (see :mod:`nme.base`, als
 each person's diagonal Laplace posterior variance of θⁱ — for regression with the exact
 Gauss–Newton curvature (the EM of a linear mixed model: it lands on the REML estimates of
 sleepstudy and Orthodont), for classification with the empirical Fisher of the cross-entropy.
-The defaults are ``"paper"`` for regression and ``"laplace"`` for classification, where the
-paper's M-step collapses Σ to 0 once training runs long. The Laplace step costs one extra
-forward and backward pass over the training set per epoch. Why these defaults:
+``"laplace"`` is the default of both: the paper's M-step collapses Σ to 0
+for classification once training runs long, and for regression, after the exact E-step, it
+cost NME its lead over MLP-LME on simulated mood. Why these defaults, with the measurements:
 ``docs/decisions.md``.
 """
 
@@ -575,8 +575,8 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
 class NMEClassifier(ClassifierMixin, _TabularEstimator):
     """NME classification: cross-entropy loss; ``classes_`` are the sorted distinct labels.
 
-    Same parameters as :class:`NMERegressor`, but ``m_step`` defaults to ``"laplace"`` (the
-    paper's M-step collapses Σ for the cross-entropy; see the module docstring).
+    Same parameters and defaults as :class:`NMERegressor` (for the M-step see the module
+    docstring).
     """
 
     def __init__(

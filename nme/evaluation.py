@@ -204,7 +204,10 @@ class RunResult:
     per_person: pd.DataFrame  # index person, columns metrics + n
     summary: dict[str, dict[str, float]]
     fit_seconds: float
-    bias: pd.Series | None = None  # person -> output-bias shift θⁱ (label units), if any
+    bias: pd.Series | None = None
+    """Person -> shift of the prediction by personalisation (Figure 4; see
+    :func:`prediction_shift`): label units (regression) or log-odds (binary); None for
+    runs without person effects."""
 
     @property
     def key(self) -> str:
@@ -315,8 +318,8 @@ def make_estimator(
             patience=config.patience, device=config.device, random_state=config.seed,
         )
     cls = NMERegressor if config.task == "regression" else NMEClassifier
-    # None keeps each estimator's own default M-step (paper for regression, Laplace for
-    # classification); only the penalised variant uses Σ at all
+    # None keeps the estimator's own default M-step (Laplace); only the penalised variant uses
+    # Σ at all
     extra = {"m_step": config.m_step} if config.m_step is not None and method == "nme" else {}
     return cls(
         hidden=params["hidden"], placement=placement or "last", method=method,
@@ -327,21 +330,49 @@ def make_estimator(
     )
 
 
-def _person_bias(est: Any, task: str) -> pd.Series | None:
-    """Each training person's shift of the output bias (Figure 4), if the variant has one."""
-    if not hasattr(est, "effects_matrix") or not hasattr(est, "person_bias"):
+def prediction_shift(
+    est: Any, X: pd.DataFrame, persons: np.ndarray, task: str
+) -> pd.Series | None:
+    """Each person's shift of the prediction by personalisation (paper Figure 4).
+
+    Per row, the personalised prediction minus the same model's prediction for an unknown
+    person (θⁱ = 0 for NME and UNME, bᵢ = 0 for MLP-LME, the mean θⁱ under ``specific``),
+    averaged over the person's rows. It is one quantity for every method and placement, in
+    the label's units. The output-bias effect alone (what Figure 4 used to plot) is not: once
+    the last layer's weights carry effects too, part of a person's shift runs through them, in
+    a share that differs between methods — on mood NME's bias spanned ±0.6 label units and
+    MLP-LME's random intercept ±15, and in ``tests/nme/test_evaluation.py`` MLP-LME's intercept
+    is 20 for a person whose predictions it shifts by 36.
+
+    Args:
+        est: a fitted estimator with ``predict(X, persons)`` (and ``predict_proba`` for
+            classification); ``persons=None`` gives its unknown-person prediction.
+        X: ``(n, F)`` the rows to average over; persons: ``(n,)`` their person ids (str).
+        task: ``"regression"``: label units; ``"classification"``: the log-odds of
+            ``classes_[1]`` against ``classes_[0]`` (binary only, else None).
+
+    Returns:
+        person -> mean shift, or None when the variant has no person effects (all shifts 0)
+        or the task has no single shift per person.
+    """
+    if task == "regression":
+        shift = est.predict(X, persons) - est.predict(X)  # (n,) label units
+    elif task == "classification":
+        if not hasattr(est, "predict_proba") or len(est.classes_) != 2:
+            return None  # multi-class: no single shift per person to plot
+        tiny = np.finfo(np.float64).tiny
+
+        def log_odds(p: np.ndarray) -> np.ndarray:  # (n, 2) -> (n,)
+            p = np.asarray(p, np.float64).clip(tiny)
+            return np.log(p[:, 1]) - np.log(p[:, 0])
+
+        shift = log_odds(est.predict_proba(X, persons)) - log_odds(est.predict_proba(X))
+    else:
         return None
-    effects = est.effects_matrix()
-    if effects.shape[1] == 0:
+    if not np.any(shift):
         return None
-    bias = np.asarray(est.person_bias(effects))
-    if task == "classification":
-        if bias.ndim != 2 or bias.shape[1] != 2:
-            return None  # multi-class: no single bias per person to plot
-        bias = bias[:, 1] - bias[:, 0]  # log-odds shift of classes_[1]
-    if not np.any(bias):
-        return None  # the output bias is not among the placed parameters
-    return pd.Series(bias, index=[str(p) for p in est.person_ids_], name="bias")
+    ids = np.asarray([str(p) for p in persons])
+    return pd.Series(shift, name="shift").groupby(ids).mean()
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -359,6 +390,9 @@ class _Adapter:
     fit: Callable[[Any], None]
     predict: Callable[[Any, str], tuple[np.ndarray, np.ndarray, np.ndarray]]
     has_val: bool
+    shift: Callable[[Any], pd.Series | None] | None = None
+    """Each person's prediction shift on the test part (:func:`prediction_shift`), if the
+    data have one."""
 
 
 def _search(adapter: _Adapter, config: EvalConfig, metric_fns: dict, name: str
@@ -401,7 +435,8 @@ def _search(adapter: _Adapter, config: EvalConfig, metric_fns: dict, name: str
         runs[key] = RunResult(
             method=method, placement=placement, params=dict(params), val_score=score,
             grid=scored, per_person=table, summary=summarise(table, list(metric_fns)),
-            fit_seconds=seconds, bias=_person_bias(est, config.task),
+            fit_seconds=seconds,
+            bias=None if adapter.shift is None else adapter.shift(est),
         )
     bar.close()
     return runs, chosen
@@ -445,8 +480,11 @@ def evaluate_splits(
         who = frame["__person"].to_numpy()
         return frame[target].to_numpy(), est.predict(frame[features], who), who
 
+    def shift(est: Any) -> pd.Series | None:
+        return prediction_shift(est, test[features], test["__person"].to_numpy(), config.task)
+
     adapter = _Adapter(lambda m, p, g: make_estimator(m, p, g, config), fit, predict,
-                       has_val=len(val) > 0)
+                       has_val=len(val) > 0, shift=shift)
     runs, _ = _search(adapter, config, metric_fns, name)
     comparisons = _compare(runs, list(metric_fns), config)
     baseline = _training_baseline(train, target, config.task)

@@ -159,21 +159,30 @@ def write_json(result: EvaluationResult, path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- plots
 def plot_bias_vs_baseline(result: EvaluationResult, path: str | Path) -> Path | None:
-    """Paper Figure 4: each person's θⁱ output-bias shift against their training baseline.
+    """Paper Figure 4: each person's shift of the prediction against their training baseline.
 
-    One panel per run that has a person bias (NME under each placement, and MLP-LME's random
-    intercept for comparison). Returns None when no run has one.
+    One panel per run that has person effects (NME under each placement, and MLP-LME for
+    comparison). The y value is :func:`nme.evaluation.prediction_shift`: the personalised
+    prediction minus the same model's unknown-person prediction, averaged over the person's
+    test rows — in the label's units for regression (log-odds of the second class for binary
+    classification), the same quantity for every panel. Returns None when no run has one.
     """
     runs = [r for r in result.runs.values()
             if r.bias is not None and r.method in (REFERENCE, "mlp-lme")]
     runs.sort(key=lambda r: (r.method != REFERENCE, r.placement or ""))
     if not runs:
         return None
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
-    ylabel = ("output-bias shift (label units)" if result.config.task == "regression"
-              else "log-odds shift")
-    xlabel = ("mean training target" if result.config.task == "regression"
-              else "training share of the second class")
+    # one quantity in one unit for every panel: a shared y axis compares them directly
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False,
+                             sharey=True)
+    target = result.data.get("target", "target")
+    if result.config.task == "regression":
+        ylabel = f"personalised − unknown-person prediction\n(mean over test rows, {target})"
+        xlabel = f"person's mean training {target}"
+    else:
+        ylabel = ("personalised − unknown-person log-odds\nof the second class "
+                  "(mean over test rows)")
+        xlabel = "person's training share of the second class"
     for ax, r in zip(axes[0], runs, strict=True):
         both = r.bias.index.intersection(result.baseline.index)
         x = result.baseline.loc[both].to_numpy(float)
@@ -183,8 +192,9 @@ def plot_bias_vs_baseline(result: EvaluationResult, path: str | Path) -> Path | 
         ax.set_title(f"{METHOD_LABELS[r.method]} ({r.placement}): r = {pearson_r(x, y):.2f}",
                      fontsize=10)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-    fig.suptitle(f"{result.data['name']}: person bias vs. training baseline", fontsize=11)
+    axes[0, 0].set_ylabel(ylabel)
+    fig.suptitle(f"{result.data['name']}: person's prediction shift vs. training baseline",
+                 fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -269,7 +279,11 @@ def write_plots(result: EvaluationResult, directory: str | Path, prefix: str = "
     out: dict[str, Path] = {}
     bias = plot_bias_vs_baseline(result, directory / f"{prefix}bias_vs_baseline.png")
     if bias is not None:
-        out["Person bias θⁱ against the person's mean training target (paper Figure 4)"] = bias
+        unit = "label units" if result.config.task == "regression" else "log-odds"
+        caption = ("Each person's shift of the prediction by personalisation (personalised "
+                   f"minus unknown-person prediction, mean over their test rows, {unit}) "
+                   "against their mean training target (paper Figure 4)")
+        out[caption] = bias
     metric = result.metrics[0]
     out[f"Per-person test {METRIC_LABELS.get(metric, metric)} of every run"] = plot_per_person(
         result, directory / f"{prefix}per_person_{metric}.png", metric)

@@ -146,3 +146,35 @@ def test_evaluate_sequences_reports_transitions(tmp_path: Path) -> None:
     np.testing.assert_allclose(mats.sum(axis=1), 1.0, atol=1e-6)
     assert (out / "transitions.png").read_bytes().startswith(PNG_MAGIC)
     assert "| Method | T: Acc. | T: α | last+T: Acc." in (out / "results.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_prediction_shift_is_in_label_units_for_nme_and_mlp_lme() -> None:
+    """Figure 4's quantity: a person 40 label units above the rest is shifted by about that
+    much by NME and by MLP-LME alike. (MLP-LME's random intercept alone, the old Figure 4
+    value, says 20 here: its weight effects on 32 ReLU units carry the rest of the shift.)"""
+    from nme.estimators import NMERegressor
+    from nme.evaluation import prediction_shift
+    from nme.lme import MLPLMERegressor
+
+    rng = np.random.default_rng(0)
+    n_persons, n_rows = 16, 24
+    offsets = rng.normal(0.0, 5.0, n_persons)
+    offsets[0] = 40.0  # person p00: a large known baseline shift, in label units
+    persons = np.repeat([f"p{i:02d}" for i in range(n_persons)], n_rows)
+    X = pd.DataFrame(rng.normal(size=(n_persons * n_rows, 2)), columns=["a", "b"])
+    y = 50.0 + 3.0 * X["a"].to_numpy() + np.repeat(offsets, n_rows) + rng.normal(
+        0.0, 1.0, n_persons * n_rows)
+    # the unknown-person prediction sits at the persons' mean offset
+    expected = offsets[0] - offsets.mean()
+    nme = NMERegressor(hidden=(32,), lr=1e-2, max_epochs=60, random_state=0).fit(X, y, persons)
+    lme = MLPLMERegressor(hidden=(32,), lr=1e-2, max_iter=60, batch_size="auto",
+                          random_state=0).fit(X, y, persons)
+    for est in (nme, lme):
+        shift = prediction_shift(est, X, persons, "regression")
+        assert shift is not None and len(shift) == n_persons
+        assert shift["p00"] == pytest.approx(expected, rel=0.15)
+        # a shift per person: the others' follow their own offsets, not p00's
+        assert np.corrcoef(shift.to_numpy()[1:], offsets[1:] - offsets.mean())[0, 1] > 0.9
+    generic = NMERegressor(hidden=(8,), method="generic", max_epochs=2).fit(X, y, persons)
+    assert prediction_shift(generic, X, persons, "regression") is None

@@ -130,3 +130,60 @@ def test_openapi_documents_examples(client: TestClient) -> None:
     predict_body = schema["components"]["schemas"]["PredictRequest"]
     assert predict_body["examples"][0]["items"][0]["user_id"] == "u1"
     assert "bearer" in str(schema["components"]["securitySchemes"]).lower()
+
+
+def test_stored_settings_survive_a_change_of_the_estimators_defaults(
+    client: TestClient,
+    auth: Callable,
+    session_factory: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model keeps the settings it was created with (explicit or defaulted, the fit
+    procedure included) when a release changes the estimators' defaults; a new model gets the
+    new ones, and a model stored before the fit procedure was recorded keeps the old one."""
+    from nme.base import _NMEEstimator
+    from service.learning.kinds import kind_for
+    from service.learning.kinds.base import LEGACY_TRAINING, PINNED_TRAINING_KEYS
+    from service.storage import store
+
+    payload = {"name": "old", "task": "regression", "features": ["a"],
+               "training": {"lr": 0.01, "batch_size": 64}}
+    created = client.post("/v1/models", json=payload, headers=auth("admin")).json()
+    assert created["training"]["m_step"] == "laplace" and created["training"]["tol"] == 1e-4
+    assert created["training"]["patience"] == 10 and created["training"]["lr"] == 0.01
+
+    # a release with other defaults (the service reads them from the signature)
+    init = _NMEEstimator.__init__
+    names = [n for n, p in inspect.signature(init).parameters.items()
+             if p.default is not inspect.Parameter.empty]
+    changed = {"patience": 3, "m_step": "paper", "tol": 1e-2, "e_step": "final",
+               "anneal": 0.5, "max_epochs": 7}
+    defaults = dict(zip(names, init.__defaults__, strict=True))
+    monkeypatch.setattr(init, "__defaults__",
+                        tuple({**defaults, **changed}[n] for n in names))
+
+    again = client.get("/v1/models/old", headers=auth("admin")).json()
+    assert again["training"] == created["training"]
+    assert again["architecture"] == created["architecture"]
+    with session_factory() as session:
+        model = store.get_model(session, name="old")
+        assert model is not None
+        params = kind_for("regression").build_estimator(model, device="cpu").get_params()
+    for key, value in created["training"].items():
+        assert params[key] == value, key
+
+    fresh = {**payload, "name": "new", "training": {"lr": 0.01}}
+    new = client.post("/v1/models", json=fresh, headers=auth("admin")).json()
+    for key in changed:
+        assert new["training"][key] == changed[key], key
+
+    # stored before the fit procedure was recorded: the procedure of that time, not today's
+    with session_factory() as session:
+        model = store.get_model(session, name="old")
+        assert model is not None
+        model.training = {k: v for k, v in model.training.items()
+                          if k not in PINNED_TRAINING_KEYS}
+        session.commit()
+        params = kind_for("regression").build_estimator(model, device="cpu").get_params()
+    for key, value in LEGACY_TRAINING["regression"].items():
+        assert params[key] == value, key

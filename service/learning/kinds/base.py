@@ -10,7 +10,11 @@ A new kind of model is one new module here with a :class:`ModelKind` subclass, r
 
 Defaults are not repeated in the service: whatever a client leaves out is read from the
 estimator class's signature when the model is created, and the resolved settings are stored
-with the model, so every refit of it trains the same way.
+with the model, so every refit of it trains the same way — also after a release changes the
+estimators' defaults: models the service already stores keep the settings they were created
+with, new models get the new defaults. That includes the fit procedure a client cannot choose
+(:data:`PINNED_TRAINING_KEYS`); models stored before it was recorded train with the values of
+that time (:data:`LEGACY_TRAINING`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,21 @@ TRAINING_KEYS = (
     "anneal",
     "random_state",
 )
+PINNED_TRAINING_KEYS = ("m_step", "e_step", "tol", "n_iter_no_change")
+"""How the estimator fits, which the API does not let a client choose but which the stored
+definition records like :data:`TRAINING_KEYS`, so that a change of these defaults (the exact
+E-step, the Laplace M-step and the convergence test came that way) reaches new models only."""
+
+LEGACY_TRAINING: dict[str, dict[str, Any]] = {
+    task: {"m_step": "paper" if task == "regression" else "laplace", "e_step": "sgd",
+           "tol": None, "n_iter_no_change": 10}
+    for task in ("regression", "classification", "sequence")
+}
+"""The fit procedure of models stored before :data:`PINNED_TRAINING_KEYS` were recorded: the
+estimators' behaviour when those models were created (the paper's M-step for regression, the
+Laplace one otherwise; θⁱ as the epochs left them, i.e. ``e_step="sgd"``; no convergence test,
+``tol=None``)."""
+
 SERVICE_DEFAULTS = {"random_state": 0}
 """Where the service deliberately differs from the estimators: refits are reproducible."""
 
@@ -321,7 +340,8 @@ class ModelKind(ABC):
                     out[key] = list(out[key])  # JSON-friendly
             return out
 
-        resolved = fill(architecture, self.architecture_keys), fill(training, TRAINING_KEYS)
+        resolved = (fill(architecture, self.architecture_keys),
+                    fill(training, TRAINING_KEYS + PINNED_TRAINING_KEYS))
         states = labels if self.task == "sequence" else None
         try:
             estimator = self.estimator_class(**self._estimator_kwargs(*resolved, states=states))
@@ -338,8 +358,11 @@ class ModelKind(ABC):
         return resolved
 
     def build_estimator(self, model: Model, *, device: str) -> Estimator:
-        """An unfitted estimator configured from the model's stored settings."""
-        kwargs = self._estimator_kwargs(model.architecture, model.training, model.states)
+        """An unfitted estimator configured from the model's stored settings (a model stored
+        before the fit procedure was recorded gets :data:`LEGACY_TRAINING`, not today's
+        defaults)."""
+        training = {**LEGACY_TRAINING[self.task], **model.training}
+        kwargs = self._estimator_kwargs(model.architecture, training, model.states)
         return self.estimator_class(**kwargs, device=device, verbose=False)
 
     def _set_outputs(self, estimator: Any, labels: list[str] | None) -> None:  # noqa: B027
