@@ -3,6 +3,7 @@ unknown users, refreshed by the per-user update; only for regression models."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from fastapi.testclient import TestClient
@@ -49,10 +50,20 @@ def test_intervals_are_per_person_and_wider_for_strangers(
 
 def test_bad_interval_is_422(client: TestClient, auth: Auth, trained_mood: dict) -> None:
     item = [{"user_id": "u0001", "features": features()}]
-    for bad in (0, 1, 1.5, -0.1, "0.9", None):
+    for bad in (0, 1, 1.5, -0.1, "0.9", True, [0.9], {"coverage": 0.9}, None):
         body = {"items": item, "interval": bad}
         response = client.post("/v1/models/mood/predict", json=body, headers=auth("predict"))
         assert response.status_code == (200 if bad is None else 422), (bad, response.text)
+        if bad is not None:
+            assert response.json()["detail"][0]["loc"] == ["body", "interval"]
+    # 1e-400 underflows to 0.0 and NaN is no coverage: both refused, never a 500
+    for raw in ('1e-400', 'NaN', '1e400'):
+        response = client.post(
+            "/v1/models/mood/predict", headers={**auth("predict"), "content-type": "application/json"},
+            content='{"items": [{"user_id": "u0001", "features": %s}], "interval": %s}'
+            % (json.dumps(features()), raw),
+        )
+        assert response.status_code == 422, (raw, response.text)
 
 
 def test_classification_models_refuse_intervals(client: TestClient, auth: Auth) -> None:
