@@ -550,6 +550,36 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         rows = table[idx.clamp(min=0)]
         return torch.where((idx >= 0).unsqueeze(-1), rows, self.fallback_effect_)
 
+    def _variance_for(self, ids: list) -> torch.Tensor:
+        """Posterior variances of θⁱ ``(n, dim)`` (training scale) for person ids; unknown
+        persons (and every person of an estimator loaded without effects) get the prior Σ."""
+        idx = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
+        prior = self._Sigma_flat.to(self.device_)
+        table = self._effects_variance
+        if table.shape[0] == 0:
+            return prior.expand(len(ids), -1)
+        rows = table[idx.clamp(min=0)]
+        return torch.where((idx >= 0).unsqueeze(-1), rows, prior)
+
+    def _variance_tensor(
+        self, variance: np.ndarray | None, known: np.ndarray | None, n: int
+    ) -> torch.Tensor:
+        """``variance: (n, d)`` posterior variances of θⁱ rows as a tensor; None, and rows
+        where ``known: (n,) bool`` is False, get the prior Σ (what an unknown person has)."""
+        prior = self._Sigma_flat.to(self.device_)
+        if variance is None:
+            return prior.expand(n, -1)
+        v = torch.as_tensor(np.asarray(variance, dtype=np.float32), device=self.device_)
+        if v.ndim != 2 or v.shape != (n, self.n_effects_):
+            raise ValueError(f"effects_variance must have shape ({n}, {self.n_effects_}), "
+                             f"got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            raise ValueError("effects_variance must be finite and non-negative")
+        if known is None:
+            return v
+        k = torch.as_tensor(np.asarray(known, dtype=bool), device=self.device_)
+        return torch.where(k.unsqueeze(-1), v, prior)
+
     def _effects_tensor(self, effects: np.ndarray, known: np.ndarray | None) -> torch.Tensor:
         """``effects: (n, d)`` θⁱ rows as a tensor; rows where ``known: (n,) bool`` is False
         get the fallback row."""

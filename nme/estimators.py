@@ -23,6 +23,7 @@ import abc
 import warnings
 from collections.abc import Callable, Hashable, Sequence
 from functools import partial
+from statistics import NormalDist
 from typing import Self
 
 import numpy as np
@@ -33,7 +34,7 @@ from sklearn.exceptions import DataConversionWarning
 from sklearn.metrics import r2_score
 from sklearn.utils.multiclass import check_classification_targets
 
-from nme.base import _Items, _NMEEstimator, load_estimator, resolve_device
+from nme.base import _check_number, _Items, _NMEEstimator, load_estimator, resolve_device
 from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
 from nme.mlp import MLP
 from nme.personalize import PersonalizedModule
@@ -179,13 +180,15 @@ class _TabularEstimator(_NMEEstimator):
         ]
         return torch.cat(outs)
 
-    def _raw(
+    def _inputs_and_rows(
         self,
         X: ArrayLike,
         persons: Sequence[Hashable] | None = None,
         effects: np.ndarray | None = None,
         known: np.ndarray | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x (n, F) normalised, θⁱ rows (n, d))``: explicit ``effects`` (fallback where
+        ``known`` is False), else the persons' own rows, else the fallback row for all."""
         x = self._input(X)
         if effects is not None:
             rows = self._effects_tensor(effects, known)
@@ -195,7 +198,16 @@ class _TabularEstimator(_NMEEstimator):
             rows = self.fallback_effect_.expand(x.shape[0], -1)
         if rows.shape[0] != x.shape[0]:
             raise ValueError(f"got {rows.shape[0]} persons/effects for {x.shape[0]} rows of X")
-        return self._forward(x, rows)
+        return x, rows
+
+    def _raw(
+        self,
+        X: ArrayLike,
+        persons: Sequence[Hashable] | None = None,
+        effects: np.ndarray | None = None,
+        known: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        return self._forward(*self._inputs_and_rows(X, persons, effects, known))
 
     # ----------------------------------------------------------------- per-person E-step
     def fit_person(
@@ -303,6 +315,12 @@ def _target_1d(y: ArrayLike, name: str) -> np.ndarray:
     return values
 
 
+def _gaussian_quantile(coverage: float) -> float:
+    """z with P(|N(0, 1)| ≤ z) = ``coverage``; ValueError unless 0 < coverage < 1."""
+    _check_number("coverage", coverage, low=0.0, high=1.0, low_open=True, high_open=True)
+    return NormalDist().inv_cdf(0.5 + 0.5 * float(coverage))
+
+
 def _label_array(classes: list) -> np.ndarray:
     """Class labels as an array of their own type (object when the types are mixed)."""
     same = len({type(c) for c in classes}) == 1
@@ -380,24 +398,122 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
     def _to_label_scale(self, out: torch.Tensor) -> np.ndarray:
         return self.y_scaler_.inverse(out.squeeze(-1).cpu().numpy().astype(np.float64))
 
-    def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
+    def predict(
+        self,
+        X: ArrayLike,
+        persons: Sequence[Hashable] | None = None,
+        return_std: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """``X: (n, F)``, ``persons: (n,)`` ids -> ``(n,)`` predictions on the label's scale.
 
-        Unknown persons (and ``persons=None``) get the generic model.
+        Unknown persons (and ``persons=None``) get the generic model (the fallback row).
+
+        With ``return_std=True`` also the ``(n,)`` standard deviation of a *new* observation
+        y of that person at that X, in label units: √(σ² + Jᵀ diag(vᵢ) J) · std(y), where
+        σ² is the noise variance, vᵢ ``(d,)`` the person's diagonal Laplace posterior
+        variance of θⁱ (:meth:`effects_variance_matrix`; the prior Σ for unknown persons) and
+        J = ∂f(x; θ̄ + θⁱ)/∂θⁱ at their posterior mode (delta method; exact when θⁱ enters the
+        output linearly, e.g. ``placement="last"`` or ``hidden=()``). The posterior covariance
+        is taken diagonal (the correlations between a person's parameters are dropped), and
+        θ̄, σ² and Σ are treated as known: their own estimation error is not in the std.
         """
-        return self._to_label_scale(self._raw(X, persons=persons))
+        x, rows = self._inputs_and_rows(X, persons=persons)
+        if not return_std:
+            return self._to_label_scale(self._forward(x, rows))
+        ids = as_id_list(persons) if persons is not None else None
+        variance = (self._variance_for(ids) if ids is not None
+                    else self._Sigma_flat.expand(x.shape[0], -1))
+        return self._mean_and_std(x, rows, variance)
+
+    def predict_interval(
+        self,
+        X: ArrayLike,
+        persons: Sequence[Hashable] | None = None,
+        coverage: float = 0.9,
+    ) -> np.ndarray:
+        """``(n, 2)`` lower and upper bounds (label units) of a Gaussian prediction interval
+        for a new observation: mean ∓ z·std with z the (1 + coverage)/2 quantile of N(0, 1)
+        and the std of :meth:`predict` with ``return_std=True``.
+
+        Args:
+            X: ``(n, F)``; persons: ``(n,)`` ids (unknown ones and None: generic model and
+                prior Σ, so their intervals are the widest).
+            coverage: the intended probability that y falls inside, strictly in (0, 1).
+        """
+        z = _gaussian_quantile(coverage)
+        mean, std = self.predict(X, persons, return_std=True)
+        return np.stack([mean - z * std, mean + z * std], axis=1)
 
     def predict_with_effects(
-        self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
-    ) -> np.ndarray:
+        self,
+        X: ArrayLike,
+        effects: np.ndarray,
+        known: np.ndarray | None = None,
+        effects_variance: np.ndarray | None = None,
+        return_std: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predict with explicit θⁱ rows (as the service fetches them from its database).
 
         Args:
             X: ``(n, F)``.
             effects: ``(n, d) float32`` θⁱ rows.
-            known: ``(n,) bool``; False rows get the generic model and their effects are ignored.
+            known: ``(n,) bool``; False rows get the generic model and the prior Σ as their
+                variance, whatever ``effects`` and ``effects_variance`` hold there.
+            effects_variance: ``(n, d) float32`` each row's diagonal posterior variance of θⁱ
+                on the training scale (a row of :meth:`effects_variance_matrix` or the
+                variance of ``fit_person(..., return_variance=True)``); None with
+                ``return_std=True`` uses the prior Σ for every row (the widest, conservative).
+            return_std: also return the ``(n,)`` std of a new observation in label units (see
+                :meth:`predict`).
+
+        Returns:
+            ``(n,)`` predictions in label units, or ``(mean (n,), std (n,))``.
         """
-        return self._to_label_scale(self._raw(X, effects=effects, known=known))
+        x, rows = self._inputs_and_rows(X, effects=effects, known=known)
+        if not return_std:
+            return self._to_label_scale(self._forward(x, rows))
+        variance = self._variance_tensor(effects_variance, known, x.shape[0])
+        return self._mean_and_std(x, rows, variance)
+
+    def _mean_and_std(
+        self, x: torch.Tensor, rows: torch.Tensor, variance: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std of a new observation, in label units.
+
+        Args:
+            x: ``(n, F)`` normalised inputs; rows: ``(n, d)`` θⁱ; variance: ``(n, d)`` their
+                diagonal posterior variances (training scale).
+
+        Returns:
+            ``(mean (n,), std (n,))`` float64, label units.
+        """
+        module = self.module_
+        if module.training:
+            module.eval()
+        n, d = rows.shape
+        # J is one backward pass per chunk: row b's output depends on row b's θⁱ only, so the
+        # gradient of the summed outputs w.r.t. a per-row leaf is every row's own J. The chunk
+        # keeps the per-row (b, d) tensors of the graph to ~4M floats whatever d is.
+        chunk = max(1, min(8192, (1 << 22) // max(d, 1)))
+        means, variances = [], []
+        for s in range(0, n, chunk):
+            # clones made with grad mode on: a caller's inference tensors cannot join a graph
+            with torch.inference_mode(False), torch.enable_grad():
+                leaf = rows[s : s + chunk].detach().clone().requires_grad_(d > 0)  # (b, d)
+                out = module(x[s : s + chunk].clone(), effects=leaf)[0].squeeze(-1)  # (b,)
+                if d > 0:
+                    (jac,) = torch.autograd.grad(out.sum(), leaf)  # (b, d)
+                    spread = (jac * jac * variance[s : s + chunk]).sum(-1)  # (b,)
+                else:
+                    spread = torch.zeros_like(out)
+            means.append(out.detach())
+            variances.append(spread.detach())
+        if n == 0:
+            empty = np.zeros(0)
+            return empty, empty
+        mean = self._to_label_scale(torch.cat(means).unsqueeze(-1))
+        var = torch.cat(variances).to(torch.float64).cpu().numpy() + float(self.sigma2_)
+        return mean, np.sqrt(var) * float(self.y_scaler_.std)
 
     def person_bias(self, effects: np.ndarray) -> np.ndarray:
         """``effects: (n, d)`` -> ``(n,)`` each person's shift of the output bias, label units.
@@ -523,13 +639,22 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
         self.classes_ = _label_array(list(config["classes"]))
 
     def predict_proba(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:
-        """``(n, n_classes)`` class probabilities, columns in the order of ``classes_``."""
+        """``(n, n_classes)`` class probabilities, columns in the order of ``classes_``.
+
+        A plug-in estimate: the softmax of the logits at θ̄ + θ̂ⁱ, the posterior mode of the
+        person's θⁱ (the fallback row, θⁱ = 0, for unknown persons). The posterior
+        uncertainty of θⁱ (:meth:`effects_variance_matrix`) is not integrated over, so the
+        probabilities of a person with few observations are not pulled towards the
+        population's beyond what the prior's shrinkage of their mode already does; they are
+        not per-person calibrated the way :meth:`NMERegressor.predict_interval` is.
+        """
         return torch.softmax(self._raw(X, persons=persons), -1).cpu().numpy()
 
     def predict_proba_with_effects(
         self, X: ArrayLike, effects: np.ndarray, known: np.ndarray | None = None
     ) -> np.ndarray:
-        """Like :meth:`predict_proba` with explicit θⁱ rows ``(n, d)`` (see the regressor)."""
+        """Like :meth:`predict_proba` (the same plug-in of the given rows) with explicit θⁱ
+        rows ``(n, d)`` (see the regressor)."""
         return torch.softmax(self._raw(X, effects=effects, known=known), -1).cpu().numpy()
 
     def predict(self, X: ArrayLike, persons: Sequence[Hashable] | None = None) -> np.ndarray:

@@ -594,7 +594,13 @@ class NMESequenceTagger(_NMEEstimator):
         persons: Sequence[Hashable] | np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """Posterior state probabilities: one ``(Lₖ, S)`` array per sequence (columns in the
-        order of ``states_``)."""
+        order of ``states_``).
+
+        The CRF's marginals (forward–backward) at the plug-in parameters θ̄ + θ̂ⁱ, θ̂ⁱ the
+        posterior mode of the person's effects (T̄ and the generic emissions for unknown
+        persons): "posterior" over states given those parameters, not averaged over the
+        posterior uncertainty of θⁱ, so a person with few sequences is not made less certain
+        than their mode implies."""
         self._check_fitted()
         x, mask, _ = self._tensors(self._features(sequences_features, "sequences_features"))
         _, _, margs = self._infer(x, mask, self._rows(persons, x.shape[0]), want_marginals=True)
@@ -616,7 +622,9 @@ class NMESequenceTagger(_NMEEstimator):
 
         Returns:
             Per sequence ``(path in state names, Viterbi score, marginals (Lₖ, S))``; the score
-            is the path's unnormalised log-score (emissions + transitions + start/end).
+            is the path's unnormalised log-score (emissions + transitions + start/end). Path
+            and marginals are those of the given rows, plugged in (see
+            :meth:`predict_marginals`).
         """
         self._check_fitted()
         x, mask, _ = self._tensors(self._features(features_list, "features_list"))
