@@ -542,6 +542,8 @@ class PredictRequest(Strict):
     items: list[PredictItem] = Field(min_length=1)
     interval: float | None = Field(
         default=None,
+        strict=True,  # "0.9" and true are mistakes, not coverages
+        allow_inf_nan=False,
         gt=0.0,
         lt=1.0,
         description="Regression models: also answer a per-person prediction interval of this "

@@ -432,7 +432,11 @@ class ClassificationKind(TabularKind):
         effects: np.ndarray,
         known: np.ndarray,
         user_ids: Sequence[str],
+        coverage: float | None = None,
+        variance: np.ndarray | None = None,
     ) -> list[Prediction]:
+        # The route refuses intervals here: the probabilities are this kind's uncertainty.
+        assert coverage is None, "classification models answer no intervals"
         proba = estimator.predict_proba_with_effects(x, effects, known)  # (n, n_classes)
         classes = [str(c) for c in estimator.classes_]
         best = proba.argmax(axis=1)
