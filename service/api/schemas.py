@@ -540,6 +540,17 @@ class PredictRequest(Strict):
     )
 
     items: list[PredictItem] = Field(min_length=1)
+    interval: float | None = Field(
+        default=None,
+        strict=True,  # "0.9" and true are mistakes, not coverages
+        allow_inf_nan=False,
+        gt=0.0,
+        lt=1.0,
+        description="Regression models: also answer a per-person prediction interval of this "
+        "coverage (e.g. 0.9) as `lower` and `upper`, from σ² and the user's posterior variance "
+        "of θⁱ (the prior Σ for unknown users: their intervals are wider).",
+        examples=[0.9],
+    )
 
 
 class PredictionPublic(BaseModel):
@@ -549,6 +560,8 @@ class PredictionPublic(BaseModel):
     prediction: float | str
     personalized: bool
     probabilities: dict[str, float] | None = None
+    lower: float | None = None
+    upper: float | None = None
 
 
 class PredictionsPublic(BaseModel):

@@ -166,8 +166,14 @@ def record_version(session: Session, trained: TrainedVersion) -> ModelVersion:
     for person in data.persons_train:
         counts[person] = counts.get(person, 0) + 1
     effects = estimator.effects_matrix()  # (n_persons, d)
+    variances = estimator.effects_variance_matrix()  # (n_persons, d), the Laplace posterior
     rows = [
-        {"user_id": user_id, "effects": encode_effects(effects[k]), "n_obs": counts[str(person)]}
+        {
+            "user_id": user_id,
+            "effects": encode_effects(effects[k]),
+            "effects_var": encode_effects(variances[k]),
+            "n_obs": counts[str(person)],
+        }
         for k, (person, user_id) in enumerate(zip(estimator.person_ids_, wanted, strict=True))
         if user_id in alive
     ]

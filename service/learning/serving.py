@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -112,13 +113,22 @@ def predict_batch(
     loaded: LoadedVersion,
     x: np.ndarray,
     user_ids: Sequence[str],
+    coverage: float | None = None,
 ) -> list[Prediction]:
     """Predictions for a batch ``x (n, F)``: one θⁱ query and one forward pass, never a loop
-    over users."""
+    over users. With ``coverage`` (e.g. 0.9), also each prediction's interval, from σ² and the
+    user's posterior variance of θⁱ (one more query; the prior Σ for unknown users)."""
     effects, known = gather_effects(session, loaded=loaded, user_ids=user_ids)
+    kind = kind_of(model)
+    variance = None
+    if coverage is not None:
+        variance = gather_variances(
+            session, kind=kind, model=model, loaded=loaded, user_ids=user_ids, known=known
+        )
     with loaded.lock:
-        predictions = kind_of(model).predict(
-            model, loaded.estimator, x=x, effects=effects, known=known, user_ids=user_ids
+        predictions = kind.predict(
+            model, loaded.estimator, x=x, effects=effects, known=known, user_ids=user_ids,
+            coverage=coverage, variance=variance,
         )
     bad = [i for i, p in enumerate(predictions) if not _finite(p)]
     if bad:
@@ -136,8 +146,39 @@ def predict_batch(
     return predictions
 
 
+def gather_variances(
+    session: Session,
+    *,
+    kind: Any,
+    model: Model,
+    loaded: LoadedVersion,
+    user_ids: Sequence[str],
+    known: np.ndarray,
+) -> np.ndarray:
+    """``(n, d) float32`` the θⁱ posterior variances of a batch's users, in ONE query; rows
+    of unknown users are ignored by the estimator (prior Σ), rows stored before variances
+    existed get the prior Σ too (wider intervals, never narrower)."""
+    stored = store.fetch_person_variances(
+        session, version_id=loaded.version_id, external_ids=user_ids
+    )
+    d = loaded.n_effects
+    variance = np.zeros((len(user_ids), d), dtype=np.float32)
+    have = np.fromiter(
+        (stored.get(u) is not None for u in user_ids), dtype=bool, count=len(user_ids)
+    )
+    if have.any():
+        variance[have] = decode_rows([stored[u] for u, h in zip(user_ids, have, strict=True)
+                                      if h], d)
+    legacy = known & ~have
+    if legacy.any():
+        with loaded.lock:
+            variance[legacy] = kind.prior_variance(loaded.estimator, len(model.features))
+    return variance
+
+
 def _finite(prediction: Prediction) -> bool:
     values = list((prediction.probabilities or {}).values())
+    values += [v for v in (prediction.lower, prediction.upper) if v is not None]
     if isinstance(prediction.prediction, float):
         values.append(prediction.prediction)
     return all(math.isfinite(v) for v in values)

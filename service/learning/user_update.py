@@ -60,6 +60,8 @@ class UserFit:
     read_updated_at: datetime | None = None
     """The row's ``updated_at`` when the fit read it (None: no row): the write is a
     compare-and-set against it."""
+    variance: np.ndarray | None = None
+    """``(d,)`` the θⁱ posterior variance (prediction intervals), refreshed with the row."""
 
 
 def fit_user(
@@ -93,12 +95,17 @@ def fit_user(
         )
         return UserFit(outcome, None, model_id, user_id, None)
     with loaded.lock:
-        theta = loaded.estimator.fit_person(*data.inputs, init=init)  # (d,)
+        theta, variance = loaded.estimator.fit_person(  # (d,) each
+            *data.inputs, init=init, return_variance=True
+        )
     outcome = UserUpdateOutcome(
         number, data.n, time.perf_counter() - started,
         f"θⁱ of version {number} re-fitted on {data.n} labels",
     )
-    return UserFit(outcome, version_id, model_id, user_id, np.asarray(theta), read_updated_at)
+    return UserFit(
+        outcome, version_id, model_id, user_id, np.asarray(theta), read_updated_at,
+        variance=np.asarray(variance),
+    )
 
 
 def write_user_fit(session: Session, fit: UserFit) -> UserUpdateOutcome:
@@ -119,6 +126,7 @@ def write_user_fit(session: Session, fit: UserFit) -> UserUpdateOutcome:
         effects=encode_effects(fit.theta),
         n_obs=fit.outcome.n_labels,
         expected_updated_at=fit.read_updated_at,
+        effects_var=None if fit.variance is None else encode_effects(fit.variance),
     )
     if written:
         return fit.outcome

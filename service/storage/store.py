@@ -568,8 +568,9 @@ def add_person_params(
     elsewhere, and for a few rows, an executemany INSERT.
 
     Args:
-        rows: dicts with ``user_id`` (row id), ``effects`` (float32 bytes), ``n_obs`` (and any
-            other ``person_params`` column), all with the same keys.
+        rows: dicts with ``user_id`` (row id), ``effects`` (float32 bytes), ``n_obs`` and
+            optionally ``effects_var`` (float32 bytes, the posterior variance), all with the
+            same keys.
     """
     if not rows:
         return
@@ -603,6 +604,28 @@ def fetch_person_params(
         return {}
     rows = session.execute(_PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted})
     return {external_id: bytes(effects) for external_id, effects in rows}
+
+
+def fetch_person_variances(
+    session: Session, *, version_id: int, external_ids: Iterable[str]
+) -> dict[str, bytes | None]:
+    """θⁱ posterior-variance bytes of the given users in one version, in ONE query (None for
+    a row written before variances were stored; absent users are omitted)."""
+    wanted = list(set(external_ids))
+    if not wanted:
+        return {}
+    rows = session.execute(_PERSON_VARIANCES, {"version_id": version_id, "external_ids": wanted})
+    return {external_id: None if raw is None else bytes(raw) for external_id, raw in rows}
+
+
+_PERSON_VARIANCES = (
+    select(User.external_id, PersonParam.effects_var)
+    .join(PersonParam, PersonParam.user_id == User.id)
+    .where(
+        PersonParam.version_id == bindparam("version_id"),
+        User.external_id.in_(bindparam("external_ids", expanding=True)),
+    )
+)
 
 
 _PERSON_PARAMS = (
@@ -647,6 +670,7 @@ def replace_person_param(
     effects: bytes,
     n_obs: int,
     expected_updated_at: datetime | None,
+    effects_var: bytes | None = None,
 ) -> bool:
     """Write one user's θⁱ row only if it is still the row the fit started from.
 
@@ -659,7 +683,7 @@ def replace_person_param(
         statement = (
             dialect_insert(session, PersonParam.__table__)
             .values(version_id=version_id, user_id=user_id, effects=effects, n_obs=n_obs,
-                    updated_at=now)
+                    effects_var=effects_var, updated_at=now)
             .on_conflict_do_nothing(index_elements=["version_id", "user_id"])
         )
     else:
@@ -670,7 +694,7 @@ def replace_person_param(
                 PersonParam.user_id == user_id,
                 PersonParam.updated_at == expected_updated_at,
             )
-            .values(effects=effects, n_obs=n_obs, updated_at=now)
+            .values(effects=effects, effects_var=effects_var, n_obs=n_obs, updated_at=now)
             .execution_options(synchronize_session=False)
         )
     written = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]

@@ -238,6 +238,9 @@ class PersonParam(Base):
         ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
     )
     effects: Mapped[bytes] = mapped_column(LargeBinary)
+    # The diagonal posterior variance of θⁱ in the same layout (None: written before intervals
+    # existed; the prior Σ stands in).
+    effects_var: Mapped[bytes | None] = mapped_column(LargeBinary)
     n_obs: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

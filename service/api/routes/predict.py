@@ -14,7 +14,7 @@ from service.api.deps import (
 )
 from service.api.limits import check_items
 from service.api.schemas import PredictionPublic, PredictionsPublic, PredictRequest
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidInput, NotFound, invalid
 from service.learning.kinds import kind_of
 from service.learning.serving import predict_batch
 from service.learning.validation import check_batch_size
@@ -47,6 +47,11 @@ def predict(
     model, version = found
     kind = kind_of(model)
     kind.require_route(model, "predict")
+    if body.interval is not None and not kind.supports_intervals:
+        raise InvalidInput(
+            [invalid(["body", "interval"], f"prediction intervals are for regression models; "
+                     f"{name!r} is a {model.task} model (its probabilities say how sure it is)")]
+        )
     if version is None:
         raise Conflict(f"model {name!r} has no active version yet: run a refit first")
     loaded = predictor.load(version)
@@ -57,9 +62,12 @@ def predict(
             prediction=p.prediction,
             personalized=p.personalized,
             probabilities=p.probabilities,
+            lower=p.lower,
+            upper=p.upper,
         )
         for p in predict_batch(
-            session, model=model, loaded=loaded, x=x, user_ids=[i.user_id for i in body.items]
+            session, model=model, loaded=loaded, x=x, user_ids=[i.user_id for i in body.items],
+            coverage=body.interval,
         )
     ]
     metrics.count_predictions(

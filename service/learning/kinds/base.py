@@ -184,6 +184,8 @@ class Prediction:
     prediction: float | str
     personalized: bool
     probabilities: dict[str, float] | None = None
+    lower: float | None = None
+    upper: float | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,8 @@ class ModelKind(ABC):
     architecture_keys: ClassVar[tuple[str, ...]] = ARCHITECTURE_KEYS
     score_name: ClassVar[str]
     """What ``val_score`` measures (higher is better)."""
+    supports_intervals: ClassVar[bool] = False
+    """Whether ``/predict`` answers prediction intervals (``"interval": 0.9``)."""
     routes: ClassVar[frozenset[str]]
     """The routes that answer this kind: ``observations`` or ``sequences``, and ``predict`` or
     ``decode``."""
@@ -501,8 +505,12 @@ class ModelKind(ABC):
         effects: np.ndarray,
         known: np.ndarray,
         user_ids: Sequence[str],
+        coverage: float | None = None,
+        variance: np.ndarray | None = None,
     ) -> list[Prediction]:
-        """One forward pass for a batch ``x (n, F)`` with θⁱ ``effects (n, d)``, ``known (n,)``."""
+        """One forward pass for a batch ``x (n, F)`` with θⁱ ``effects (n, d)``, ``known (n,)``;
+        with ``coverage``, also ``lower``/``upper`` from θⁱ posterior variances ``variance
+        (n, d)`` (kinds with :attr:`supports_intervals`)."""
         raise NotImplementedError(f"{self.task} models do not answer /predict")
 
     def decode(

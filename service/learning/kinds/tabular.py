@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 from sqlalchemy.orm import Session
 
 from nme import NMEClassifier, NMERegressor
@@ -277,6 +278,7 @@ class RegressionKind(TabularKind):
     estimator_class = NMERegressor
     score_name = "neg_rmse"
     label_dtype = np.float64
+    supports_intervals = True
 
     def label_error(self, model: Model, label: float | str) -> str | None:
         if not isinstance(label, float):
@@ -353,12 +355,39 @@ class RegressionKind(TabularKind):
         effects: np.ndarray,
         known: np.ndarray,
         user_ids: Sequence[str],
+        coverage: float | None = None,
+        variance: np.ndarray | None = None,
     ) -> list[Prediction]:
-        values = estimator.predict_with_effects(x, effects, known)  # (n,)
+        if coverage is None:
+            values = estimator.predict_with_effects(x, effects, known)  # (n,)
+            return [
+                Prediction(
+                    user_id=user_id, prediction=float(values[i]), personalized=bool(known[i])
+                )
+                for i, user_id in enumerate(user_ids)
+            ]
+        mean, std = estimator.predict_with_effects(  # (n,) each, label scale
+            x, effects, known, effects_variance=variance, return_std=True
+        )
+        z = float(scipy.stats.norm.ppf(0.5 + coverage / 2))
         return [
-            Prediction(user_id=user_id, prediction=float(values[i]), personalized=bool(known[i]))
+            Prediction(
+                user_id=user_id,
+                prediction=float(mean[i]),
+                personalized=bool(known[i]),
+                lower=float(mean[i] - z * std[i]),
+                upper=float(mean[i] + z * std[i]),
+            )
             for i, user_id in enumerate(user_ids)
         ]
+
+    def prior_variance(self, estimator: NMERegressor, n_features: int) -> np.ndarray:
+        """``(d,)`` the prior Σ: the posterior variance of a user with no labels (stands in
+        for rows stored before variances were)."""
+        _, variance = estimator.fit_person(
+            np.zeros((0, n_features), np.float32), np.zeros(0), return_variance=True
+        )
+        return np.asarray(variance, dtype=np.float32)
 
     def user_summary(
         self, model: Model, estimator: NMERegressor, effects: np.ndarray | None
@@ -403,7 +432,11 @@ class ClassificationKind(TabularKind):
         effects: np.ndarray,
         known: np.ndarray,
         user_ids: Sequence[str],
+        coverage: float | None = None,
+        variance: np.ndarray | None = None,
     ) -> list[Prediction]:
+        # The route refuses intervals here: the probabilities are this kind's uncertainty.
+        assert coverage is None, "classification models answer no intervals"
         proba = estimator.predict_proba_with_effects(x, effects, known)  # (n, n_classes)
         classes = [str(c) for c in estimator.classes_]
         best = proba.argmax(axis=1)
