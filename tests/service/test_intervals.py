@@ -57,11 +57,12 @@ def test_bad_interval_is_422(client: TestClient, auth: Auth, trained_mood: dict)
         if bad is not None:
             assert response.json()["detail"][0]["loc"] == ["body", "interval"]
     # 1e-400 underflows to 0.0 and NaN is no coverage: both refused, never a 500
-    for raw in ('1e-400', 'NaN', '1e400'):
+    headers = {**auth("predict"), "content-type": "application/json"}
+    for raw in ("1e-400", "NaN", "1e400"):
+        items = json.dumps([{"user_id": "u0001", "features": features()}])
         response = client.post(
-            "/v1/models/mood/predict", headers={**auth("predict"), "content-type": "application/json"},
-            content='{"items": [{"user_id": "u0001", "features": %s}], "interval": %s}'
-            % (json.dumps(features()), raw),
+            "/v1/models/mood/predict", headers=headers,
+            content=f'{{"items": {items}, "interval": {raw}}}',
         )
         assert response.status_code == 422, (raw, response.text)
 
