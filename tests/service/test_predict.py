@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from nme import load_estimator
+from service.app import create_app
+from service.config import Settings
 from tests.service.factories import (
     classification_items,
     create_model,
@@ -75,13 +77,43 @@ def statements(client: TestClient) -> Iterator[list[str]]:
 def test_batch_fetches_person_params_in_one_query(
     client: TestClient, auth: Callable, trained_mood: dict, statements: list[str]
 ) -> None:
+    """With the serving caches off (as in these tests' settings), a prediction costs three
+    statements whatever the batch size: the key, the model with its active version (one joined
+    query), and the batch's θⁱ rows (one query, nothing per user)."""
     users = [f"u{k:04d}" for k in range(1, 13)] + [f"new{k}" for k in range(88)]
     predict(client, auth, [item("u0001")])  # load the artifact outside the measured request
     statements.clear()
     body = predict(client, auth, [item(u, gps_km=float(k)) for k, u in enumerate(users)])
     assert sum(p["personalized"] for p in body["predictions"]) == 12
     assert sum("person_params" in s for s in statements) == 1
-    assert len(statements) <= 4  # key, model + active version, θⁱ (+ nothing per user)
+    assert len(statements) == 3
+
+
+def test_warm_predict_costs_one_statement(
+    settings: Settings, auth: Callable, trained_mood: dict
+) -> None:
+    """The production path: with the key cache (``NME_AUTH_CACHE_SECONDS``) and the
+    active-version cache (``NME_ACTIVE_VERSION_TTL_SECONDS``) on, a process's first prediction
+    reads the key, the model with its active version, and the θⁱ rows (3 statements); every
+    further one within the bounds reads only the batch's θⁱ rows: exactly 1 statement, for one
+    user or a hundred. (θⁱ is never cached: a per-user update must show at once.)"""
+    cached = settings.model_copy(
+        update={"auth_cache_seconds": 60.0, "active_version_ttl_seconds": 60.0}
+    )
+    with TestClient(create_app(cached)) as warm:
+        seen: list[str] = []
+        event.listen(
+            warm.app.state.engine,
+            "before_cursor_execute",
+            lambda _conn, _cursor, statement, *_args: seen.append(statement),
+        )
+        predict(warm, auth, [item("u0001")])
+        assert len(seen) == 3
+        for batch in ([item("u0002")], [item(f"u{k:04d}") for k in range(1, 101)]):
+            seen.clear()
+            body = predict(warm, auth, batch)
+            assert body["version"] == trained_mood["version"]["version"]
+            assert len(seen) == 1 and "person_params" in seen[0]
 
 
 def test_batch_equals_single_requests(

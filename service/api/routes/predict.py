@@ -18,7 +18,6 @@ from service.errors import Conflict, NotFound
 from service.learning.kinds import kind_of
 from service.learning.serving import predict_batch
 from service.learning.validation import check_batch_size
-from service.storage import store
 
 router = APIRouter(prefix="/v1/models", tags=["predict"])
 
@@ -41,10 +40,12 @@ def predict(
     classification) and whether the user was personalised; one forward pass per request."""
     check_batch_size(len(body.items), settings.max_batch)
     check_items(body.items, settings)
-    found = store.get_model_with_active_version(session, name=name)
+    # The active version comes from the process-wide cache (at most NME_ACTIVE_VERSION_TTL_
+    # SECONDS old, no query on a hit); the θⁱ query below is then the request's only statement.
+    found = predictor.active_model(session, name=name)
     if found is None:
         raise NotFound(f"model {name!r} not found")
-    model, version = found
+    model, version = found.model, found.version
     kind = kind_of(model)
     kind.require_route(model, "predict")
     if version is None:
