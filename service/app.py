@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.sqlalchemy_url,
             connect_timeout=settings.db_connect_timeout_seconds,
             statement_timeout=settings.db_statement_timeout_seconds,
+            pool_size=settings.db_pool_size,
         )
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)

@@ -232,6 +232,15 @@ class Settings(BaseSettings):
         description="API processes give up connecting to the database after this long and "
         "answer 503 with Retry-After.",
     )
+    db_pool_size: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Database connections an API process keeps open for reuse. Size it to the "
+        "requests one process handles at once (FastAPI runs handlers on up to 40 threads): a "
+        "request beyond it opens and closes its own connection, which costs a new server "
+        "backend on PostgreSQL and dominated predictions under load.",
+    )
     db_statement_timeout_seconds: float = Field(
         default=30.0,
         ge=0.0,

@@ -594,6 +594,13 @@ COPY_MIN_ROWS = 500
 """From this many θⁱ rows on, PostgreSQL writes them with COPY."""
 
 
+def autocommit_reads(session: Session) -> None:
+    """Run the session's statements without a transaction: for a route that only reads (a
+    prediction), this saves PostgreSQL's ``BEGIN`` and ``ROLLBACK`` round trips. Call it before
+    the session's first statement; each statement then sees its own snapshot."""
+    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def fetch_person_params(
     session: Session, *, version_id: int, external_ids: Iterable[str]
 ) -> dict[str, bytes]:
@@ -601,7 +608,11 @@ def fetch_person_params(
     wanted = list(set(external_ids))
     if not wanted:
         return {}
-    rows = session.execute(_PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted})
+    # Through the session's connection (Core), not Session.execute: the rows are plain tuples,
+    # and skipping the ORM's statement handling was a fifth of this query's cost per prediction.
+    rows = session.connection().execute(
+        _PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted}
+    )
     return {external_id: bytes(effects) for external_id, effects in rows}
 
 

@@ -18,6 +18,7 @@ from service.errors import Conflict, NotFound
 from service.learning.kinds import kind_of
 from service.learning.serving import predict_batch
 from service.learning.validation import check_batch_size
+from service.storage import store
 
 router = APIRouter(prefix="/v1/models", tags=["predict"])
 
@@ -40,6 +41,7 @@ def predict(
     classification) and whether the user was personalised; one forward pass per request."""
     check_batch_size(len(body.items), settings.max_batch)
     check_items(body.items, settings)
+    store.autocommit_reads(session)
     # The active version comes from the process-wide cache (at most NME_ACTIVE_VERSION_TTL_
     # SECONDS old, no query on a hit); the θⁱ query below is then the request's only statement.
     found = predictor.active_model(session, name=name)
