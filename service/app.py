@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             artifact_dir=settings.artifact_dir,
             device=settings.device,
             active_ttl=settings.active_version_ttl_seconds,
+            torch_threads=settings.torch_threads,
         )
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.expected_revision = head_revision()
