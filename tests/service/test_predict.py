@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from nme import load_estimator
+from service import db
 from service.app import create_app
 from service.config import Settings
 from tests.service.factories import (
@@ -222,3 +223,30 @@ def test_sequence_model_predict_is_422(client: TestClient, auth: Callable) -> No
     )
     assert response.status_code == 422
     assert "/decode" in response.text
+
+
+def test_predict_survives_a_terminated_pooled_connection(
+    client: TestClient,
+    auth: Callable,
+    trained_mood: dict,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pooled PostgreSQL connection whose backend died while it sat idle (a restart, an
+    idle-session timeout) is pinged on checkout and replaced: the request succeeds, no 503.
+    (The ping happens only after ``PING_AFTER_IDLE_SECONDS``; set to 0 here to avoid a sleep.)"""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite connections do not die under the pool")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    predict(client, auth, [item("u0001")])  # the pool now holds a connection
+    killer = db.make_engine(database_url)
+    with killer.connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+    killer.dispose()
+    assert killed >= 1
+    assert predict(client, auth, [item("u0001")])["predictions"][0]["personalized"]
