@@ -61,10 +61,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.sqlalchemy_url,
             connect_timeout=settings.db_connect_timeout_seconds,
             statement_timeout=settings.db_statement_timeout_seconds,
+            pool_size=settings.db_pool_size,
         )
         app.state.engine = engine
         app.state.session_factory = make_session_factory(engine)
-        app.state.predictor = Predictor(artifact_dir=settings.artifact_dir, device=settings.device)
+        app.state.predictor = Predictor(
+            artifact_dir=settings.artifact_dir,
+            device=settings.device,
+            active_ttl=settings.active_version_ttl_seconds,
+            torch_threads=settings.torch_threads,
+        )
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.expected_revision = head_revision()
         # Move everything alive now (torch, SQLAlchemy, pydantic: ~300k objects) out of the

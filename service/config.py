@@ -86,10 +86,19 @@ class Settings(BaseSettings):
         default=10_000, ge=1, description="Largest number of items in one request (else 413)."
     )
     auth_cache_seconds: float = Field(
-        default=2.0,
+        default=1.0,
         ge=0.0,
-        description="How long a verified API key is trusted without a database look-up; "
-        "a revocation takes effect after at most this long.",
+        description="How long an API process trusts a verified API key without a database "
+        "look-up: a revocation (CLI or API, in any process) is refused by every API process "
+        "after at most this long. 0: look the key up on every request.",
+    )
+    active_version_ttl_seconds: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="How long an API process serves a model's active version without asking the "
+        "database again: an activation made elsewhere (the worker's refit, another API process, "
+        "a rollback) is served by every API process after at most this long; one made through "
+        "this process's API at once. 0: look the active version up on every request.",
     )
     torch_threads: int = Field(
         default=1,
@@ -222,6 +231,15 @@ class Settings(BaseSettings):
         gt=0.0,
         description="API processes give up connecting to the database after this long and "
         "answer 503 with Retry-After.",
+    )
+    db_pool_size: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Database connections an API process keeps open for reuse. Size it to the "
+        "requests one process handles at once (FastAPI runs handlers on up to 40 threads): a "
+        "request beyond it opens and closes its own connection, which costs a new server "
+        "backend on PostgreSQL and dominated predictions under load.",
     )
     db_statement_timeout_seconds: float = Field(
         default=30.0,

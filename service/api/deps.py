@@ -166,11 +166,14 @@ def get_model(
 ModelDep = Annotated[Model, Depends(get_model)]
 
 
-def reachable_model_name(
+async def reachable_model_name(
     name: ModelNameParam, principal: Annotated[Principal, Depends(authenticate)]
 ) -> str:
     """The model name in the path, once the key may reach it (404 otherwise), checked before
-    the body is validated: a scoped key learns nothing about other apps' models."""
+    the body is validated: a scoped key learns nothing about other apps' models.
+
+    ``async`` because it does no I/O: as a plain ``def`` FastAPI ran it in the threadpool, one
+    more thread hand-off per prediction (about a tenth of a single-user predict's time)."""
     check_model_access(principal, name)
     return name
 

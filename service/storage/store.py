@@ -595,6 +595,20 @@ COPY_MIN_ROWS = 500
 """From this many θⁱ rows on, PostgreSQL writes them with COPY."""
 
 
+def autocommit_reads(session: Session) -> None:
+    """Run the session's statements without a transaction on PostgreSQL: for a route that only
+    reads (a prediction), this saves the ``BEGIN`` and ``ROLLBACK`` round trips. Call it before
+    the session's first statement; each statement then sees its own snapshot.
+
+    Not on SQLite: its driver begins no transaction for a SELECT anyway, and switching the
+    isolation level back when the connection returns to the pool runs a PRAGMA (a seventh of a
+    prediction's time in the handler thread, measured with py-spy).
+    """
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def fetch_person_params(
     session: Session, *, version_id: int, external_ids: Iterable[str]
 ) -> dict[str, bytes]:
@@ -602,7 +616,11 @@ def fetch_person_params(
     wanted = list(set(external_ids))
     if not wanted:
         return {}
-    rows = session.execute(_PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted})
+    # Through the session's connection (Core), not Session.execute: the rows are plain tuples,
+    # and skipping the ORM's statement handling was a fifth of this query's cost per prediction.
+    rows = session.connection().execute(
+        _PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted}
+    )
     return {external_id: bytes(effects) for external_id, effects in rows}
 
 

@@ -138,7 +138,11 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         artifact_dir=tmp_path / "artifacts",
         device="cpu",
         max_batch=1000,
+        # Tests change keys and activate versions behind the app's back (factories write to
+        # the database directly) and assert at once: no caching. The caches' own tests turn
+        # them on (tests/service/test_serving_caches.py).
         auth_cache_seconds=0.0,
+        active_version_ttl_seconds=0.0,
         torch_threads=0,  # leave torch's process-wide setting alone for the other test suites
         rate_limits=RateLimits(enabled=False),  # tests/service/test_rate_limits.py turns them on
     )

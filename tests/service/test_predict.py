@@ -9,9 +9,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from nme import load_estimator
+from service import db
+from service.app import create_app
+from service.config import Settings
 from tests.service.factories import (
     classification_items,
     create_model,
@@ -75,13 +78,43 @@ def statements(client: TestClient) -> Iterator[list[str]]:
 def test_batch_fetches_person_params_in_one_query(
     client: TestClient, auth: Callable, trained_mood: dict, statements: list[str]
 ) -> None:
+    """With the serving caches off (as in these tests' settings), a prediction costs three
+    statements whatever the batch size: the key, the model with its active version (one joined
+    query), and the batch's θⁱ rows (one query, nothing per user)."""
     users = [f"u{k:04d}" for k in range(1, 13)] + [f"new{k}" for k in range(88)]
     predict(client, auth, [item("u0001")])  # load the artifact outside the measured request
     statements.clear()
     body = predict(client, auth, [item(u, gps_km=float(k)) for k, u in enumerate(users)])
     assert sum(p["personalized"] for p in body["predictions"]) == 12
     assert sum("person_params" in s for s in statements) == 1
-    assert len(statements) <= 4  # key, model + active version, θⁱ (+ nothing per user)
+    assert len(statements) == 3
+
+
+def test_warm_predict_costs_one_statement(
+    settings: Settings, auth: Callable, trained_mood: dict
+) -> None:
+    """The production path: with the key cache (``NME_AUTH_CACHE_SECONDS``) and the
+    active-version cache (``NME_ACTIVE_VERSION_TTL_SECONDS``) on, a process's first prediction
+    reads the key, the model with its active version, and the θⁱ rows (3 statements); every
+    further one within the bounds reads only the batch's θⁱ rows: exactly 1 statement, for one
+    user or a hundred. (θⁱ is never cached: a per-user update must show at once.)"""
+    cached = settings.model_copy(
+        update={"auth_cache_seconds": 60.0, "active_version_ttl_seconds": 60.0}
+    )
+    with TestClient(create_app(cached)) as warm:
+        seen: list[str] = []
+        event.listen(
+            warm.app.state.engine,
+            "before_cursor_execute",
+            lambda _conn, _cursor, statement, *_args: seen.append(statement),
+        )
+        predict(warm, auth, [item("u0001")])
+        assert len(seen) == 3
+        for batch in ([item("u0002")], [item(f"u{k:04d}") for k in range(1, 101)]):
+            seen.clear()
+            body = predict(warm, auth, batch)
+            assert body["version"] == trained_mood["version"]["version"]
+            assert len(seen) == 1 and "person_params" in seen[0]
 
 
 def test_batch_equals_single_requests(
@@ -190,3 +223,30 @@ def test_sequence_model_predict_is_422(client: TestClient, auth: Callable) -> No
     )
     assert response.status_code == 422
     assert "/decode" in response.text
+
+
+def test_predict_survives_a_terminated_pooled_connection(
+    client: TestClient,
+    auth: Callable,
+    trained_mood: dict,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pooled PostgreSQL connection whose backend died while it sat idle (a restart, an
+    idle-session timeout) is pinged on checkout and replaced: the request succeeds, no 503.
+    (The ping happens only after ``PING_AFTER_IDLE_SECONDS``; set to 0 here to avoid a sleep.)"""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite connections do not die under the pool")
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    predict(client, auth, [item("u0001")])  # the pool now holds a connection
+    killer = db.make_engine(database_url)
+    with killer.connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+    killer.dispose()
+    assert killed >= 1
+    assert predict(client, auth, [item("u0001")])["predictions"][0]["personalized"]
