@@ -228,33 +228,65 @@ def plot_transition_matrices(
         states: the S state names.
         intervals: ``(diff, low, high)`` each ``(S, S)`` for the first two groups (from
             :func:`nme.metrics.group_difference_bootstrap`); cells whose interval excludes 0
-            are starred.
+            are starred when their value, shown in percentage points to
+            :data:`HEATMAP_DECIMALS` decimals, is not zero (:func:`significant_cells`).
     """
     panels = len(means) + (intervals is not None)
-    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(3.8 * panels, 3.6), squeeze=False)
     for ax, (group, mat) in zip(axes[0], means.items(), strict=False):
-        _heatmap(ax, np.asarray(mat), states, f"{group}: mean P(to | from)", "viridis")
+        _heatmap(ax, 100 * np.asarray(mat), states, f"{group}: mean P(to | from), %", "viridis")
     if intervals is not None:
-        diff, low, high = (np.asarray(a) for a in intervals)
+        diff, low, high = (100 * np.asarray(a) for a in intervals)  # percentage points
         names = list(means)
         ax = axes[0][-1]
-        stars = (low > 0) | (high < 0)
-        _heatmap(ax, diff, states, f"{names[0]} − {names[1]} (* : CI excludes 0)", "coolwarm",
-                 stars=stars)
+        _heatmap(ax, diff, states,
+                 f"{names[0]} − {names[1]}, pp [95 % CI]\n(* : CI excludes 0)", "coolwarm",
+                 stars=significant_cells(diff, low, high), intervals=(low, high))
     fig.tight_layout()
     return _save(fig, path)
 
 
+HEATMAP_DECIMALS = 1
+"""Transition heatmaps show percentages and percentage-point differences to one decimal: a
+group difference of a few points is visible, and 0.0 means below 0.05 points."""
+
+
+def significant_cells(
+    diff: np.ndarray, low: np.ndarray, high: np.ndarray, decimals: int = HEATMAP_DECIMALS
+) -> np.ndarray:
+    """``(S, S)`` bool: cells to star — the interval excludes 0 *and* the value, as shown at
+    ``decimals``, is not zero (a star on a printed 0.0 or −0.0 would contradict the number).
+
+    Args:
+        diff, low, high: ``(S, S)`` the difference and its interval, in the units shown.
+    """
+    shown = np.round(np.asarray(diff, dtype=np.float64), decimals)
+    return ((np.asarray(low) > 0) | (np.asarray(high) < 0)) & (shown != 0)
+
+
+def _shown(value: float) -> float:
+    """``value`` rounded as printed, with −0.0 turned into 0.0 (never print "-0.0")."""
+    return round(float(value), HEATMAP_DECIMALS) + 0.0
+
+
 def _heatmap(ax: plt.Axes, mat: np.ndarray, states: Sequence[str], title: str, cmap: str,
-             stars: np.ndarray | None = None) -> None:
+             stars: np.ndarray | None = None,
+             intervals: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Cells in percent (viridis, 0-100) or percentage points (coolwarm, symmetric), with the
+    interval under the value when given."""
     lim = np.abs(mat).max() or 1.0
-    kwargs = {"vmin": -lim, "vmax": lim} if cmap == "coolwarm" else {"vmin": 0, "vmax": 1}
+    kwargs = {"vmin": -lim, "vmax": lim} if cmap == "coolwarm" else {"vmin": 0, "vmax": 100}
     ax.imshow(mat, cmap=cmap, **kwargs)
+    fmt = f"{{:+.{HEATMAP_DECIMALS}f}}" if cmap == "coolwarm" else f"{{:.{HEATMAP_DECIMALS}f}}"
     for (i, j), v in np.ndenumerate(mat):
         mark = "*" if stars is not None and stars[i, j] else ""
+        text = fmt.format(_shown(v)) + mark
+        if intervals is not None:
+            lo, hi = intervals[0][i, j], intervals[1][i, j]
+            text += f"\n[{fmt.format(_shown(lo))}, {fmt.format(_shown(hi))}]"
         # white on viridis' dark low end, black elsewhere
-        dark = cmap == "viridis" and v < 0.5
-        ax.text(j, i, f"{v:.2f}{mark}", ha="center", va="center", fontsize=7,
+        dark = cmap == "viridis" and v < 50
+        ax.text(j, i, text, ha="center", va="center", fontsize=6 if intervals else 7,
                 color="white" if dark else "black")
     ax.set_xticks(range(len(states)), states, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(states)), states, fontsize=7)
@@ -348,6 +380,7 @@ __all__ = [
     "plot_bias_vs_baseline",
     "plot_per_person",
     "plot_transition_matrices",
+    "significant_cells",
     "summary_frame",
     "write_json",
     "write_plots",
