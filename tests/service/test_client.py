@@ -49,6 +49,16 @@ def test_an_app_backend_day_through_the_client(client: TestClient, keys: dict) -
     assert isinstance(answer, Predictions) and answer.version == 1
     assert [p.personalized for p in answer.predictions] == [True, False]
     assert isinstance(answer.predictions[0].prediction, float)
+    assert answer.predictions[0].lower is None  # intervals only when asked
+    sure, unsure = nme.predict("mood", [{"user_id": "u0001", "features": features()},
+                                        {"user_id": "stranger", "features": features()}],
+                               interval=0.9).predictions
+    for p in (sure, unsure):
+        assert p.lower is not None and p.upper is not None and p.lower < p.prediction < p.upper
+    assert unsure.upper - unsure.lower > sure.upper - sure.lower  # type: ignore[operator]
+    with pytest.raises(InvalidRequest) as refused:
+        nme.predict("mood", [{"user_id": "u0001", "features": features()}], interval=1.0)
+    assert refused.value.field == "interval"
     assert nme.user("mood", "u0001")["personalized"] is True
     events = list(nme.events("mood", page_size=1))
     assert [e["kind"] for e in events][-1] == "refit_queued" and len(events) >= 3
