@@ -44,7 +44,7 @@ from service.jobs.triggers import check_refit_triggers
 from service.learning import history
 from service.learning.serving import Predictor
 from service.storage import retention
-from service.storage.tables import Model, utcnow
+from service.storage.tables import Job, Model, utcnow
 
 log = logging.getLogger("service.worker")
 
@@ -53,6 +53,28 @@ DATABASE_ERRORS = (OperationalError, InterfaceError, DisconnectionError)
 OUTAGE_FIRST_WAIT = 1.0
 OUTAGE_MAX_WAIT = 30.0
 """Back-off between reconnection attempts while the database is unreachable (seconds)."""
+
+
+
+def reap_stalled_jobs(
+    session: Session, *, stale_seconds: float, backoff_seconds: float
+) -> queue.StalledOutcome:
+    """Requeue the jobs of dead workers (:func:`service.jobs.queue.requeue_stalled_jobs`), and
+    treat a refit that has now failed for good that way like any other permanent refit
+    failure: a ``refit_failed`` event and back-off. Without it, a refit that kills its worker
+    every time (out of memory, say) would be failed, re-triggered by the same labels, and
+    kill workers again, forever. Flushes; the caller commits."""
+    stalled = queue.requeue_stalled_jobs(session, stale_seconds=stale_seconds)
+    for job_id in stalled.failed:
+        job = session.get(Job, job_id)
+        if job is None or job.kind != "refit":
+            continue
+        history.record_refit_failure(
+            session, model_id=job.model_id, job_id=job.id,
+            message=f"its worker died on each of {job.attempts} attempts ({job.error})",
+            attempted_at=job.started_at or utcnow(), backoff_seconds=backoff_seconds,
+        )
+    return stalled
 
 
 class Heartbeat:
@@ -223,8 +245,9 @@ class Worker:
             self.housekeeping()
         try:
             with self.session_factory() as session:
-                stalled = queue.requeue_stalled_jobs(
-                    session, stale_seconds=self.settings.job_stale_seconds
+                stalled = reap_stalled_jobs(
+                    session, stale_seconds=self.settings.job_stale_seconds,
+                    backoff_seconds=self.settings.refit_backoff_seconds,
                 )
                 session.commit()
             for job_id in stalled.requeued:

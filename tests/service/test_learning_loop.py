@@ -743,3 +743,44 @@ def test_healthz_is_not_blocked_by_a_predict_waiting_on_the_database(
     thread.join(timeout=30)
     assert health_seconds < 0.5
     assert result["status"] == 200
+
+
+def test_a_refit_that_kills_its_worker_every_time_backs_off_instead_of_looping(
+    client: TestClient, auth: Auth, trained_mood: dict, session_factory: sessionmaker
+) -> None:
+    """A refit whose worker dies on every attempt (out of memory, say) is failed by the dead-
+    worker reaper with a ``refit_failed`` event and back-off, like a failure the runner saw:
+    the trigger does not queue it again at once, so it cannot kill workers forever."""
+    from service.jobs.worker import reap_stalled_jobs
+
+    run_jobs(client)
+    ingest(client, auth, [
+        {"user_id": "u0001", "day": f"2026-06-{d:02d}", "features": features(), "label": 50.0}
+        for d in range(1, 6)
+    ])
+    with session_factory() as session:
+        model = session.scalar(select(Model))
+        assert model is not None
+        job, _ = queue.enqueue_job(session, kind="refit", model_id=model.id, max_attempts=1)
+        session.commit()
+        claimed = queue.fetch_job(session)  # a worker takes it ...
+        assert claimed is not None and claimed.id == job.id
+        session.commit()
+        session.execute(  # ... and dies: its heartbeat goes stale
+            update(Job).where(Job.id == job.id)
+            .values(heartbeat_at=utcnow() - timedelta(minutes=10))
+        )
+        session.commit()
+    with session_factory() as session:
+        outcome = reap_stalled_jobs(session, stale_seconds=60, backoff_seconds=600)
+        session.commit()
+    assert outcome.failed == [job.id]
+    assert "refit_failed" in kinds(client, auth)
+    failed = next(e for e in events(client, auth, limit=1000) if e["kind"] == "refit_failed")
+    assert "worker died" in failed["detail"] and "Traceback" not in failed["detail"]
+    with session_factory() as session:
+        model = session.scalar(select(Model))
+        assert model is not None and model.refit_failures == 1
+        assert model.refit_not_before is not None and model.refit_not_before > utcnow()
+    assert check_triggers(session_factory) == []  # the same labels do not re-queue it
+    assert get_job(client, auth, job.id)["status"] == "failed"
