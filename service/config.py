@@ -47,6 +47,11 @@ class RateLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    failed_keys: RateLimit | None = RateLimit(rate=5.0, burst=20)
+    """Per client address: key look-ups that end in 401 (unknown, malformed or revoked keys).
+    Once a client's bucket is empty, a key the process has not verified recently gets 429
+    without a database look-up, so spraying random keys cannot turn into a query per request;
+    keys already in the key cache still pass. ``null``: unlimited."""
     scopes: dict[RateScope, RateLimit | None] = Field(default_factory=dict)
     keys: dict[str, dict[RateScope, RateLimit | None]] = Field(default_factory=dict)
 

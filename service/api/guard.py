@@ -25,7 +25,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import RETRY_AFTER_SECONDS
 from service.auth import hash_key, key_matches, key_prefix
-from service.config import RateLimits
+from service.config import RateLimit, RateLimits
 from service.storage import store
 
 PRINCIPAL = "nme_principal"
@@ -76,23 +76,25 @@ class KeyCache:
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._entries: dict[str, tuple[float, Principal | str]] = {}
         self._lock = threading.Lock()
 
-    def get(self, digest: str) -> Principal | None:
-        """A still-fresh principal for this key hash."""
+    def get(self, digest: str) -> Principal | str | None:
+        """A still-fresh principal for this key hash, or the 401 message it got (a refusal is
+        remembered as long as a verification: the same bad key costs one look-up per ``ttl``,
+        and an unknown key cannot become valid — keys are random)."""
         entry = self._entries.get(digest)
         if entry is None or entry[0] < time.monotonic():
             return None
         return entry[1]
 
-    def put(self, digest: str, principal: Principal) -> None:
-        """Remember a verified key."""
+    def put(self, digest: str, outcome: Principal | str) -> None:
+        """Remember a verified key, or the message a refused one got."""
         if self.ttl > 0:
             with self._lock:
                 if len(self._entries) > 10_000:  # bound memory against key spraying
                     self._entries.clear()
-                self._entries[digest] = (time.monotonic() + self.ttl, principal)
+                self._entries[digest] = (time.monotonic() + self.ttl, outcome)
 
 
 def unauthorized(message: str) -> HTTPException:
@@ -100,26 +102,37 @@ def unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def verify_key(state: Any, token: str | None) -> Principal:
+async def verify_key(
+    state: Any, token: str | None, before_look_up: Callable[[], None] | None = None
+) -> Principal:
     """The principal of ``token`` (401 when missing, unknown, malformed or revoked).
 
     ``state`` is the app's state (``key_cache``, ``session_factory``). A cache miss looks the
-    key up in a worker thread, never on the event loop.
+    key up in a worker thread, never on the event loop; ``before_look_up`` runs first and may
+    refuse (the guard's limit on failed look-ups per client).
     """
     if not token:
         raise unauthorized("missing API key: send `Authorization: Bearer <key>`")
     cache: KeyCache = state.key_cache
     digest = hash_key(token)
-    principal = cache.get(digest)
-    if principal is None:
-        try:
-            principal = await anyio.to_thread.run_sync(_look_up, state.session_factory, token)
-        except SQLAlchemyError as err:
-            raise HTTPException(
-                503, "the key database is unavailable; retry later",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-            ) from err
-        cache.put(digest, principal)
+    known = cache.get(digest)
+    if isinstance(known, str):
+        raise unauthorized(known)
+    if known is not None:
+        return known
+    if before_look_up is not None:
+        before_look_up()
+    try:
+        principal = await anyio.to_thread.run_sync(_look_up, state.session_factory, token)
+    except SQLAlchemyError as err:
+        raise HTTPException(
+            503, "the key database is unavailable; retry later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from err
+    except HTTPException as refusal:
+        cache.put(digest, str(refusal.detail))
+        raise
+    cache.put(digest, principal)
     return principal
 
 
@@ -157,6 +170,34 @@ class RateLimiter:
     def __init__(self, limits: RateLimits) -> None:
         self.limits = limits
         self._buckets: dict[tuple[int, str], list[float]] = {}  # [tokens, last refill]
+        self._failures: dict[str, list[float]] = {}  # per client address, same layout
+
+    def failed_look_ups_wait(self, client: str) -> float | None:
+        """None while ``client`` may have another key looked up, else the seconds until its
+        bucket of failed look-ups (:attr:`RateLimits.failed_keys`) has a token again."""
+        limit = self.limits.failed_keys
+        if not self.limits.enabled or limit is None:
+            return None
+        tokens = self._refill_failures(client, limit)
+        return None if tokens >= 1.0 else (1.0 - tokens) / limit.rate
+
+    def record_failed_look_up(self, client: str) -> None:
+        """Charge ``client`` one token for a key look-up that ended in 401."""
+        limit = self.limits.failed_keys
+        if not self.limits.enabled or limit is None:
+            return
+        tokens = self._refill_failures(client, limit)
+        self._failures[client][0] = max(0.0, tokens - 1.0)
+
+    def _refill_failures(self, client: str, limit: RateLimit) -> float:
+        """The client's failure bucket refilled to now; returns its tokens."""
+        now = time.monotonic()
+        if len(self._failures) > 100_000:  # bound memory against address spraying
+            self._failures.clear()
+        bucket = self._failures.setdefault(client, [float(limit.burst), now])
+        bucket[0] = min(float(limit.burst), bucket[0] + (now - bucket[1]) * limit.rate)
+        bucket[1] = now
+        return bucket[0]
 
     def acquire(self, principal: Principal, scope: str) -> float | None:
         """Take a token: None when granted, else the seconds until one is available."""
@@ -234,7 +275,27 @@ class RequestGuard:
                 await self.app(scope, receive, send)
                 return
             token = _bearer_token(scope)
-            principal = await verify_key(scope["app"].state, token)
+            client = (scope.get("client") or ("unknown", 0))[0]
+
+            looked_up = False
+
+            def check_failures() -> None:
+                nonlocal looked_up
+                looked_up = True
+                wait = self.limiter.failed_look_ups_wait(client)
+                if wait is not None:
+                    self.on_refusal("failed_keys", "(invalid keys)")
+                    raise HTTPException(
+                        429, f"too many invalid API keys from this address; retry in "
+                        f"{wait:.2f} s", headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                    )
+
+            try:
+                principal = await verify_key(scope["app"].state, token, check_failures)
+            except HTTPException as refusal:
+                if refusal.status_code == 401 and looked_up:  # cached refusals cost nothing
+                    self.limiter.record_failed_look_up(client)
+                raise
             wait = self.limiter.acquire(principal, needed or "read")
             if wait is not None:
                 self.on_refusal(needed or "read", principal.name)

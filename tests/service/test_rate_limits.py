@@ -101,3 +101,71 @@ def test_rate_limits_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     limits = Settings().rate_limits
     assert limits.limit_for("predict", prefix="p", name="n") == RateLimit(rate=5, burst=7)
     assert limits.limit_for("ingest", prefix="p", name="n") is not None  # default kept
+
+
+# ------------------------------------------------------------------ invalid keys cost little
+
+
+def key_look_ups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every database look-up of a key prefix, recorded."""
+    from service.api import guard
+
+    seen: list[str] = []
+    original = guard.store.get_api_key
+
+    def spy(session, *, prefix):  # type: ignore[no-untyped-def]
+        seen.append(prefix)
+        return original(session, prefix=prefix)
+
+    monkeypatch.setattr(guard.store, "get_api_key", spy)
+    return seen
+
+
+def test_a_repeated_bad_key_is_looked_up_once_per_cache_period(
+    settings: Settings, auth: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = key_look_ups(monkeypatch)
+    cached = settings.model_copy(update={"auth_cache_seconds": 60.0})
+    with TestClient(create_app(cached)) as client:
+        bad = {"Authorization": "Bearer nme_0123456789ab_" + "x" * 40}
+        for _ in range(50):
+            response = client.get("/v1/models", headers=bad)
+            assert response.status_code == 401
+            assert response.json()["detail"] == "invalid API key"
+        assert len(seen) == 1
+        assert client.get("/v1/models", headers=auth("predict")).status_code == 200
+
+
+def test_spraying_random_keys_gets_429_without_database_look_ups(
+    settings: Settings, auth: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = key_look_ups(monkeypatch)
+    limits = {"failed_keys": {"rate": 0.001, "burst": 5}}
+    cached = settings.model_copy(update={"auth_cache_seconds": 60.0})
+    with limited_client(cached, limits) as client:
+        # keys verified before the spray stay usable during it (cached)
+        assert client.get("/v1/models", headers=auth("predict")).status_code == 200
+        assert client.get("/v1/models", headers=auth("admin")).status_code == 200
+        before = len(seen)
+        statuses = []
+        for i in range(30):
+            header = {"Authorization": f"Bearer nme_{i:012x}_" + "y" * 40}
+            statuses.append(client.get("/v1/models", headers=header).status_code)
+        assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
+        assert len(seen) - before == 5  # the refused ones cost no query
+        refused = client.get("/v1/models", headers={"Authorization": "Bearer nme_ffffffffffff_z"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert client.get("/v1/models", headers=auth("predict")).status_code == 200
+        # a key this process has not verified yet waits too: the limit is per address
+        assert client.get("/v1/models", headers=auth("ingest")).status_code == 429
+        text = client.get("/metrics", headers=auth("admin")).text
+        assert 'nme_rate_limited_total{key="(invalid keys)",scope="failed_keys"}' in text
+
+
+def test_failed_key_limit_can_be_switched_off(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with limited_client(settings, {"failed_keys": None}) as client:
+        for i in range(40):
+            header = {"Authorization": f"Bearer nme_{i:012x}_" + "y" * 40}
+            assert client.get("/v1/models", headers=header).status_code == 401
