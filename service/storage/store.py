@@ -616,12 +616,31 @@ def fetch_person_params(
     wanted = list(set(external_ids))
     if not wanted:
         return {}
-    # Through the session's connection (Core), not Session.execute: the rows are plain tuples,
-    # and skipping the ORM's statement handling was a fifth of this query's cost per prediction.
-    rows = session.connection().execute(
-        _PERSON_PARAMS, {"version_id": version_id, "external_ids": wanted}
-    )
+    connection = session.connection()
+    # The hot query of every prediction, as driver SQL: SQLAlchemy's compile step for the
+    # expanding IN cost ten times the query itself on SQLite (0.25 vs 0.02 ms, cProfile).
+    # exec_driver_sql still runs through the connection's events (statement counts, timeouts).
+    if connection.dialect.name == "postgresql":  # one array parameter, whatever the count
+        rows = connection.exec_driver_sql(_PERSON_PARAMS_PG, (version_id, wanted)).all()
+    else:  # one parameter per id: chunks under SQLite's bound-parameter limit
+        rows = []
+        for start in range(0, len(wanted), ID_CHUNK):
+            chunk = wanted[start : start + ID_CHUNK]
+            sql = _PERSON_PARAMS_SQLITE.format(marks=",".join("?" * len(chunk)))
+            rows.extend(connection.exec_driver_sql(sql, (version_id, *chunk)))
     return {external_id: bytes(effects) for external_id, effects in rows}
+
+
+_PERSON_PARAMS_PG = (
+    "SELECT users.external_id, person_params.effects FROM users "
+    "JOIN person_params ON person_params.user_id = users.id "
+    "WHERE person_params.version_id = %s AND users.external_id = ANY(%s)"
+)
+_PERSON_PARAMS_SQLITE = (
+    "SELECT users.external_id, person_params.effects FROM users "
+    "JOIN person_params ON person_params.user_id = users.id "
+    "WHERE person_params.version_id = ? AND users.external_id IN ({marks})"
+)
 
 
 def fetch_person_variances(
@@ -638,16 +657,6 @@ def fetch_person_variances(
 
 _PERSON_VARIANCES = (
     select(User.external_id, PersonParam.effects_var)
-    .join(PersonParam, PersonParam.user_id == User.id)
-    .where(
-        PersonParam.version_id == bindparam("version_id"),
-        User.external_id.in_(bindparam("external_ids", expanding=True)),
-    )
-)
-
-
-_PERSON_PARAMS = (
-    select(User.external_id, PersonParam.effects)
     .join(PersonParam, PersonParam.user_id == User.id)
     .where(
         PersonParam.version_id == bindparam("version_id"),

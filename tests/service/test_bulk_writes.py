@@ -71,3 +71,34 @@ def test_many_users_are_looked_up_in_chunks(
         session.commit()
     assert sorted(ids) == sorted(names) and len(set(ids.values())) == 10
     assert all(ids[name] == first[name] for name in names[:4])
+
+
+def test_theta_rows_of_a_big_batch_come_back_whole(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The predict path's θⁱ query (driver SQL) returns exactly the stored users' rows, also
+    past a chunk of ids, with unknown, repeated and odd ids (quotes, Unicode) in the batch."""
+    monkeypatch.setattr(store, "ID_CHUNK", 4)
+    names = ["u0", "o'brien", "zoë", "名前", "a\"b", "u5", "u6"]
+    with session_factory() as session:
+        model = store.add_model(
+            session, name="m", task="regression", features=["a"], classes=None, states=None,
+            architecture={}, training={},
+        )
+        version = store.add_version(
+            session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
+            n_users=len(names), n_observations=0, trained_until=utcnow(),
+        )
+        ids = store.ensure_users(session, external_ids=names)
+        store.add_person_params(session, version_id=version.id, rows=[
+            {"user_id": ids[name], "effects": encode_effects(np.full(3, k, np.float32)),
+             "n_obs": 1}
+            for k, name in enumerate(names)
+        ])
+        session.commit()
+        asked = [*names, "nobody", "u0", "' OR 1=1 --"]
+        stored = store.fetch_person_params(session, version_id=version.id, external_ids=asked)
+        other = store.fetch_person_params(session, version_id=version.id + 1, external_ids=asked)
+    assert sorted(stored) == sorted(names) and other == {}
+    for k, name in enumerate(names):
+        np.testing.assert_array_equal(decode_effects(stored[name]), np.full(3, k, np.float32))
