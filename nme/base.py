@@ -576,16 +576,21 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         rows = table[idx.clamp(min=0)]
         return torch.where((idx >= 0).unsqueeze(-1), rows, prior)
 
-    def _covariance_for(self, ids: list) -> torch.Tensor | None:
-        """Whole posterior covariances of θⁱ ``(n, dim, dim)`` (training scale) for person
-        ids — diag(prior Σ) for unknown persons — or None when the estimator keeps only the
-        diagonal (see :attr:`COVARIANCE_MAX_FLOATS`)."""
+    def _covariance_index(self, ids: list) -> torch.Tensor | None:
+        """``(n,) long`` the rows of :meth:`_covariance_rows` for person ids (-1: unknown), or
+        None when the estimator keeps only the diagonal (see :attr:`COVARIANCE_MAX_FLOATS`).
+        An index, not the ``(n, dim, dim)`` covariances: callers gather them chunk by chunk."""
         table = self._effects_covariance
         if table is None or table.shape[0] == 0:
             return None
-        idx = torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
+        return torch.from_numpy(self.persons_.encode(ids)).to(self.device_)
+
+    def _covariance_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx: (b,) long`` from :meth:`_covariance_index` -> ``(b, dim, dim)`` whole
+        posterior covariances of θⁱ (training scale); diag(prior Σ) for unknown persons."""
+        assert self._effects_covariance is not None
         prior = torch.diag(self._Sigma_flat.to(self.device_))  # (dim, dim)
-        rows = table[idx.clamp(min=0)]
+        rows = self._effects_covariance[idx.clamp(min=0)]
         return torch.where((idx >= 0)[:, None, None], rows, prior)
 
     def _variance_tensor(

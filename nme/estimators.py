@@ -269,6 +269,16 @@ class _TabularEstimator(_NMEEstimator):
         grads = torch.einsum("bk,bkd->bd", dl, jac)
         return losses, grads, factor.mT @ jac  # (b, K, d)
 
+    def _output_bias(self, effects: np.ndarray) -> np.ndarray:
+        """``effects: (n, d)`` -> ``(n, K)`` float64 each row's θⁱ part of the output bias
+        (training scale; zeros when the output bias is not placed)."""
+        e = torch.as_tensor(np.asarray(effects, dtype=np.float32))
+        parts = self.effects_layout_.split(e)
+        bias = parts.get(f"layers.{len(self.hidden)}.bias")
+        if bias is None:
+            return np.zeros((e.shape[0], self._n_outputs()))
+        return bias.numpy().astype(np.float64)
+
     def _placed_on_last_layer(self) -> bool:
         """Every placed parameter belongs to the output layer, so the outputs are linear in θⁱ."""
         last = f"layers.{len(self.hidden)}."
@@ -427,7 +437,7 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
         ids = as_id_list(persons) if persons is not None else None
         variance = (self._variance_for(ids) if ids is not None
                     else self._Sigma_flat.expand(x.shape[0], -1))
-        covariance = self._covariance_for(ids) if ids is not None else None
+        covariance = self._covariance_index(ids) if ids is not None else None
         return self._mean_and_std(x, rows, variance, covariance)
 
     def predict_interval(
@@ -485,15 +495,16 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
         x: torch.Tensor,
         rows: torch.Tensor,
         variance: torch.Tensor,
-        covariance: torch.Tensor | None = None,
+        covariance_index: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and std of a new observation, in label units.
 
         Args:
             x: ``(n, F)`` normalised inputs; rows: ``(n, d)`` θⁱ; variance: ``(n, d)`` their
                 diagonal posterior variances (training scale).
-            covariance: ``(n, d, d)`` their whole posterior covariances, used instead of
-                ``variance`` when given (JᵀCJ).
+            covariance_index: ``(n,) long`` rows of the persons' whole posterior covariances
+                (:meth:`_covariance_index`), used instead of ``variance`` when given (JᵀCJ);
+                gathered per chunk, so no ``(n, d, d)`` tensor is ever formed.
 
         Returns:
             ``(mean (n,), std (n,))`` float64, label units.
@@ -505,7 +516,7 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
         # J is one backward pass per chunk: row b's output depends on row b's θⁱ only, so the
         # gradient of the summed outputs w.r.t. a per-row leaf is every row's own J. The chunk
         # keeps the per-row (b, d) tensors of the graph to ~4M floats whatever d is.
-        per_row = d * d if covariance is not None else d
+        per_row = d * d if covariance_index is not None else d
         chunk = max(1, min(8192, (1 << 22) // max(per_row, 1)))
         means, variances = [], []
         for s in range(0, n, chunk):
@@ -515,9 +526,9 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
                 out = module(x[s : s + chunk].clone(), effects=leaf)[0].squeeze(-1)  # (b,)
                 if d > 0:
                     (jac,) = torch.autograd.grad(out.sum(), leaf)  # (b, d)
-                    if covariance is not None:  # JᵀCJ per row
-                        spread = torch.einsum("bd,bde,be->b", jac, covariance[s : s + chunk],
-                                              jac)
+                    if covariance_index is not None:  # JᵀCJ per row
+                        cov = self._covariance_rows(covariance_index[s : s + chunk])
+                        spread = torch.einsum("bd,bde,be->b", jac, cov, jac)
                     else:
                         spread = (jac * jac * variance[s : s + chunk]).sum(-1)  # (b,)
                 else:
@@ -536,12 +547,7 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
 
         Zero when the output bias is not among the placed parameters.
         """
-        e = torch.as_tensor(np.asarray(effects, dtype=np.float32))
-        key = f"layers.{len(self.hidden)}.bias"
-        parts = self.effects_layout_.split(e)
-        if key not in parts:
-            return np.zeros(e.shape[0])
-        return parts[key][:, 0].numpy().astype(np.float64) * float(self.y_scaler_.std)
+        return self._output_bias(effects)[:, 0] * float(self.y_scaler_.std)
 
     def score(
         self,
@@ -686,12 +692,7 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
 
     def person_bias(self, effects: np.ndarray) -> np.ndarray:
         """``effects: (n, d)`` -> ``(n, n_classes)`` each person's shift of the output logits."""
-        e = torch.as_tensor(np.asarray(effects, dtype=np.float32))
-        key = f"layers.{len(self.hidden)}.bias"
-        parts = self.effects_layout_.split(e)
-        if key not in parts:
-            return np.zeros((e.shape[0], len(self.classes_)))
-        return parts[key].numpy().astype(np.float64)
+        return self._output_bias(effects)
 
     def score(
         self,

@@ -10,7 +10,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.storage import store
 from service.storage.codec import decode_effects, encode_effects
-from service.storage.tables import PersonParam, utcnow
+from service.storage.tables import ModelVersion, PersonParam, utcnow
+
+
+def add_version(session: Session, n_users: int) -> ModelVersion:
+    """A regression model ``m`` and a version of it for ``n_users`` users (flushed)."""
+    model = store.add_model(
+        session, name="m", task="regression", features=["a"], classes=None, states=None,
+        architecture={}, training={},
+    )
+    return store.add_version(
+        session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
+        n_users=n_users, n_observations=0, trained_until=utcnow(),
+    )
 
 
 @pytest.mark.parametrize("n_users", [3, store.COPY_MIN_ROWS + 7])
@@ -18,14 +30,7 @@ def test_bulk_rows_round_trip(session_factory: sessionmaker[Session], n_users: i
     rng = np.random.default_rng(0)
     effects = rng.normal(size=(n_users, 17)).astype(np.float32)  # (n, d)
     with session_factory() as session:
-        model = store.add_model(
-            session, name="m", task="regression", features=["a"], classes=None, states=None,
-            architecture={}, training={},
-        )
-        version = store.add_version(
-            session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
-            n_users=n_users, n_observations=0, trained_until=utcnow(),
-        )
+        version = add_version(session, n_users)
         ids = store.ensure_users(session, external_ids=[f"u{k}" for k in range(n_users)])
         rows = [
             {"user_id": ids[f"u{k}"], "effects": encode_effects(effects[k]), "n_obs": k}
@@ -35,14 +40,7 @@ def test_bulk_rows_round_trip(session_factory: sessionmaker[Session], n_users: i
         session.rollback()  # nothing escapes the caller's transaction
         assert session.scalar(select(func.count()).select_from(PersonParam)) == 0
     with session_factory() as session:
-        model = store.add_model(
-            session, name="m", task="regression", features=["a"], classes=None, states=None,
-            architecture={}, training={},
-        )
-        version = store.add_version(
-            session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
-            n_users=n_users, n_observations=0, trained_until=utcnow(),
-        )
+        version = add_version(session, n_users)
         ids = store.ensure_users(session, external_ids=[f"u{k}" for k in range(n_users)])
         rows = [
             {"user_id": ids[f"u{k}"], "effects": encode_effects(effects[k]), "n_obs": k}
@@ -81,14 +79,7 @@ def test_theta_rows_of_a_big_batch_come_back_whole(
     monkeypatch.setattr(store, "ID_CHUNK", 4)
     names = ["u0", "o'brien", "zoë", "名前", "a\"b", "u5", "u6"]
     with session_factory() as session:
-        model = store.add_model(
-            session, name="m", task="regression", features=["a"], classes=None, states=None,
-            architecture={}, training={},
-        )
-        version = store.add_version(
-            session, model_id=model.id, metrics={}, artifact_path="m/x", artifact_sha256="0" * 64,
-            n_users=len(names), n_observations=0, trained_until=utcnow(),
-        )
+        version = add_version(session, len(names))
         ids = store.ensure_users(session, external_ids=names)
         store.add_person_params(session, version_id=version.id, rows=[
             {"user_id": ids[name], "effects": encode_effects(np.full(3, k, np.float32)),
