@@ -20,6 +20,7 @@ from service.api.errors import (
     service_error,
     validation_error,
 )
+from service.api.fastpath import PredictFastPath
 from service.api.guard import KeyCache, RateLimiter, RequestGuard
 from service.api.prometheus import MetricsMiddleware, ServiceMetrics
 from service.api.routes import (
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch_threads=settings.torch_threads,
         )
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+        app.state.predictions = predict.prediction_batcher(app.state)
         app.state.expected_revision = head_revision()
         # Move everything alive now (torch, SQLAlchemy, pydantic: ~300k objects) out of the
         # garbage collector's reach: full collections scanning them were the p99 of a 1 000-user
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.predictions.aclose()
             engine.dispose()
             # Process-wide knobs go back to what they were (tests run many apps in one process).
             gc.unfreeze()
@@ -103,7 +106,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     if settings.api_docs:
         docs.add_docs(app)
-    # Added last = outermost: metrics see every answer, also the guard's 401/413/429.
+    # Added last = outermost: metrics see every answer, also the guard's 401/413/429. The fast
+    # path sits behind the guard: it sees only requests with a verified key and a read body.
+    if settings.predict_fast_path:
+        app.add_middleware(PredictFastPath)
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,

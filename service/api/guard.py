@@ -316,7 +316,7 @@ class RequestGuard:
         if body is None:
             return  # the client went away before sending its body
         scope.setdefault("state", {})[PRINCIPAL] = principal
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     def _too_large(self) -> HTTPException:
         return HTTPException(
@@ -373,7 +373,7 @@ def _bearer_token(scope: Scope) -> str | None:
     return None
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands the app the buffered body, then passes through (disconnects)."""
     pending = True
 

@@ -189,7 +189,28 @@ def predict_batch(
 ) -> list[Prediction]:
     """Predictions for a batch ``x (n, F)``: one θⁱ query and one forward pass, never a loop
     over users. With ``coverage`` (e.g. 0.9), also each prediction's interval, from σ² and the
-    user's posterior variance of θⁱ (one more query; the prior Σ for unknown users)."""
+    user's posterior variance of θⁱ (one more query; the prior Σ for unknown users). A
+    prediction that is not finite is a 422 naming its item."""
+    predictions = predict_rows(
+        session, model=model, loaded=loaded, x=x, user_ids=user_ids, coverage=coverage
+    )
+    error = not_finite(predictions)
+    if error is not None:
+        raise error
+    return predictions
+
+
+def predict_rows(
+    session: Session,
+    *,
+    model: Model,
+    loaded: LoadedVersion,
+    x: np.ndarray,
+    user_ids: Sequence[str],
+    coverage: float | None = None,
+) -> list[Prediction]:
+    """:func:`predict_batch` without the finiteness check: for a caller that answers several
+    requests from one batch and checks each request's slice on its own."""
     effects, known = gather_effects(session, loaded=loaded, user_ids=user_ids)
     kind = kind_of(model)
     variance = None
@@ -198,24 +219,29 @@ def predict_batch(
             session, kind=kind, model=model, loaded=loaded, user_ids=user_ids, known=known
         )
     with loaded.lock:
-        predictions = kind.predict(
+        return kind.predict(
             model, loaded.estimator, x=x, effects=effects, known=known, user_ids=user_ids,
             coverage=coverage, variance=variance,
         )
+
+
+def not_finite(predictions: Sequence[Prediction]) -> InvalidInput | None:
+    """The 422 for the predictions that are not finite (indexes into ``predictions``), or
+    None when all are."""
     bad = [i for i, p in enumerate(predictions) if not _finite(p)]
-    if bad:
-        raise InvalidInput(
-            [
-                invalid(
-                    ["body", "items", i, "features"],
-                    "the model's prediction for these features is not finite (they lie far "
-                    "outside what it was trained on)",
-                    "finite",
-                )
-                for i in bad[:MAX_REPORTED_ERRORS]
-            ]
-        )
-    return predictions
+    if not bad:
+        return None
+    return InvalidInput(
+        [
+            invalid(
+                ["body", "items", i, "features"],
+                "the model's prediction for these features is not finite (they lie far "
+                "outside what it was trained on)",
+                "finite",
+            )
+            for i in bad[:MAX_REPORTED_ERRORS]
+        ]
+    )
 
 
 def gather_variances(

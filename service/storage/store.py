@@ -649,7 +649,7 @@ def _person_column(
     )
     if connection.dialect.name == "postgresql":  # one array parameter, whatever the count
         sql = select_from + "WHERE person_params.version_id = %s AND users.external_id = ANY(%s)"
-        return list(connection.exec_driver_sql(sql, (version_id, wanted)).tuples())
+        return [tuple(row) for row in connection.exec_driver_sql(sql, (version_id, wanted))]
     rows: list[tuple[str, Any]] = []
     for start in range(0, len(wanted), ID_CHUNK):  # under SQLite's bound-parameter limit
         chunk = wanted[start : start + ID_CHUNK]
@@ -657,7 +657,7 @@ def _person_column(
             "WHERE person_params.version_id = ? AND users.external_id IN "
             f"({','.join('?' * len(chunk))})"
         )
-        rows.extend(connection.exec_driver_sql(sql, (version_id, *chunk)).tuples())
+        rows.extend(tuple(row) for row in connection.exec_driver_sql(sql, (version_id, *chunk)))
     return rows
 
 
