@@ -248,6 +248,9 @@ def required_scope(route: BaseRoute) -> str | None:
     return search(route.dependant)
 
 
+MATCH_MEMORY = 4096
+"""Distinct (method, path) pairs whose route the guard remembers before it starts over."""
+
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
 
 
@@ -263,6 +266,7 @@ class RequestGuard:
         self.limiter = limiter
         self.on_refusal = on_refusal  # (scope, key name) -> None: counts 429s
         self._routes: list[tuple[BaseRoute, str | None]] | None = None
+        self._matched: dict[tuple[str, str, str], tuple[BaseRoute | None, str | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -340,18 +344,30 @@ class RequestGuard:
 
     def _match(self, scope: Scope) -> tuple[BaseRoute | None, str | None]:
         """The route a request goes to and the scope it needs (a path that matches no route
-        needs a key: an anonymous client learns nothing about which paths exist)."""
+        needs a key: an anonymous client learns nothing about which paths exist).
+
+        Remembered per (method, path): matching tries every route's pattern in turn, which
+        for the routes at the end of the list (predict) cost more than the key check. The
+        routes never change after start-up; the memory is bounded against path spraying."""
+        key = (scope["method"], scope.get("root_path", ""), scope["path"])
+        found = self._matched.get(key)
+        if found is not None:
+            return found
         if self._routes is None:
             app = scope["app"]
             self._routes = [(r, required_scope(r)) for r in walk_routes(app.router.routes)]
-        partial: tuple[BaseRoute | None, str | None] = (None, "read")
+        found = (None, "read")
         for route, needed in self._routes:
             match, _child = route.matches(scope)
             if match == Match.FULL:
-                return route, needed
-            if match == Match.PARTIAL and partial[0] is None:
-                partial = (route, needed)
-        return partial
+                found = (route, needed)
+                break
+            if match == Match.PARTIAL and found[0] is None:
+                found = (route, needed)
+        if len(self._matched) >= MATCH_MEMORY:
+            self._matched.clear()
+        self._matched[key] = found
+        return found
 
 
 def _content_length(scope: Scope) -> int | None:
