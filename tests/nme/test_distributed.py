@@ -1,0 +1,186 @@
+"""Person-sharded training on torch.distributed with two gloo ranks (NCCL with two GPUs).
+
+Each launch starts two processes (the elastic launcher, spawn), so the module shares its
+launches: one 2-rank fit through the API, one through ``nme fit --nproc 2``, one failing run and
+one stopped run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nme import NMERegressor, load_estimator
+from nme.cli import main
+from nme.data import temporal_split
+from nme.distributed import RankFailed, fit_distributed, owner_of, shard_mask
+from nme.simulate import MOOD_FEATURES, simulate_mood
+
+# the paper's M-step without annealing and θⁱ as the epochs left them: Σ is then exactly the
+# sample variance of the (best epoch's) θⁱ rows, which the test recomputes
+EXACT_SPREAD = {"hidden": (16,), "m_step": "paper", "anneal": None, "e_step": "sgd",
+                "max_epochs": 25, "random_state": 0}
+
+
+@pytest.fixture(scope="module")
+def mood() -> tuple:
+    df, _ = simulate_mood(n_persons=40, n_days=30, seed=5)
+    part = temporal_split(df["user"].to_numpy(), (0.6, 0.2, 0.2))
+    return df[part == 0], df[part == 1], df[part == 2]
+
+
+def _fit_args(mood: tuple) -> tuple:
+    train, val, _ = mood
+    return (train[MOOD_FEATURES], train["mood"], train["user"].tolist(),
+            val[MOOD_FEATURES], val["mood"], val["user"].tolist())
+
+
+def _per_person_rmse(est: NMERegressor, test) -> float:  # type: ignore[no-untyped-def]
+    pred = est.predict(test[MOOD_FEATURES], test["user"].tolist())
+    sq = test.assign(e=(pred - test["mood"].to_numpy()) ** 2).groupby("user")["e"].mean()
+    return float(np.sqrt(sq).mean())
+
+
+@pytest.fixture(scope="module")
+def fits(mood: tuple) -> dict:
+    one = NMERegressor(device="cpu", **EXACT_SPREAD).fit(*_fit_args(mood))
+    start = time.perf_counter()
+    two = fit_distributed(NMERegressor(device="cpu", **EXACT_SPREAD), *_fit_args(mood), nproc=2)
+    return {"one": one, "two": two, "seconds": time.perf_counter() - start}
+
+
+def test_owner_is_stable_and_covers_every_person() -> None:
+    ids = [f"u{k:04d}" for k in range(200)] + list(range(50))
+    owners = owner_of(ids, 2)
+    assert set(owners.tolist()) == {0, 1}
+    assert owners.tolist() == owner_of(ids, 2).tolist()  # no salted hash
+    assert owner_of(["u0001", "u0001"], 3)[0] == owner_of(["u0001"], 3)[0]
+    assert shard_mask(ids, None).all()
+
+
+def test_two_ranks_match_one_process(fits: dict, mood: tuple) -> None:
+    one, two = fits["one"], fits["two"]
+    assert sorted(two.person_ids_) == sorted(one.person_ids_)  # every person, once
+    rmse_one, rmse_two = _per_person_rmse(one, mood[2]), _per_person_rmse(two, mood[2])
+    assert abs(rmse_two - rmse_one) <= 0.03 * rmse_one, (rmse_one, rmse_two)
+    assert two.sigma2_ == pytest.approx(one.sigma2_, rel=0.1)
+    print(f"per-person RMSE 1 process {rmse_one:.4f}, 2 ranks {rmse_two:.4f}; "
+          f"2-rank fit {fits['seconds']:.1f} s")
+
+
+def test_sigma_is_the_spread_of_all_ranks_rows(fits: dict) -> None:
+    two = fits["two"]
+    rows = two.effects_matrix().astype(np.float64)  # every rank's θⁱ, gathered on rank 0
+    assert rows.shape[0] == len(two.person_ids_) == 40
+    flat = torch.cat([v.reshape(-1) for v in two.Sigma_.values()]).numpy()
+    np.testing.assert_allclose(flat, rows.var(axis=0, ddof=1), rtol=1e-4, atol=1e-8)
+    # σ² is the best epoch's mean training loss over every rank's items
+    record = two.history_[two.best_epoch_ - 1]
+    assert two.sigma2_ == pytest.approx(record["train_loss"], rel=1e-6)
+
+
+def test_cli_nproc_2_writes_one_artifact(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    df, _ = simulate_mood(n_persons=30, n_days=20, seed=2)
+    data = tmp_path / "mood.csv"
+    df.to_csv(data, index=False)
+    out = tmp_path / "model"
+    code = main(["fit", "--data", str(data), "--person-col", "user", "--target", "mood",
+                 "--time-col", "day", "--hidden", "16", "--max-epochs", "8", "--device", "cpu",
+                 "--nproc", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "world size:      2" in printed
+    assert "persons:         30" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "mood.csv"]  # one artifact
+    est = load_estimator(out)
+    assert len(est.person_ids_) == 30
+    assert main(["predict", "--model", str(out), "--data", str(data),
+                 "--out", str(tmp_path / "preds.csv")]) == 0
+
+
+def test_a_failed_rank_fails_the_run(tmp_path: Path, mood: tuple,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NME_FAIL_RANK", "1:1")  # rank 1 raises after its first epoch
+    with pytest.raises(RankFailed, match="rank 1 failed.*injected failure") as err:
+        fit_distributed(NMERegressor(device="cpu", hidden=(8,), max_epochs=5),
+                        *_fit_args(mood), nproc=2)
+    assert err.value.rank == 1
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_stopping_the_parent_leaves_no_rank(tmp_path: Path) -> None:
+    df, _ = simulate_mood(n_persons=30, n_days=20, seed=2)
+    data = tmp_path / "mood.csv"
+    df.to_csv(data, index=False)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "nme.cli", "fit", "--data", str(data), "--person-col", "user",
+         "--target", "mood", "--hidden", "8", "--max-epochs", "100000", "--patience", "none",
+         "--device", "cpu", "--nproc", "2", "--out", str(tmp_path / "model")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        ranks: set[int] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(ranks) < 2:
+            ranks = {c for c in _children(parent.pid)
+                     if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")}
+            time.sleep(0.2)
+        assert len(ranks) == 2, "the ranks did not start"
+        time.sleep(3)  # inside the fit
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=60)
+        assert parent.returncode == 128 + signal.SIGTERM, err
+        assert "stopped" in err
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(r) for r in ranks):
+            time.sleep(0.1)
+        assert not any(_alive(r) for r in ranks), "a rank outlived its parent"
+        assert not (tmp_path / "model").exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices for NCCL")
+def test_two_ranks_on_nccl(mood: tuple) -> None:
+    os.environ.pop("NME_FAIL_RANK", None)
+    two = fit_distributed(NMERegressor(device="cuda", **EXACT_SPREAD), *_fit_args(mood),
+                          nproc=2)
+    one = NMERegressor(device="cuda", **EXACT_SPREAD).fit(*_fit_args(mood))
+    rmse_one, rmse_two = _per_person_rmse(one, mood[2]), _per_person_rmse(two, mood[2])
+    assert abs(rmse_two - rmse_one) <= 0.03 * rmse_one
+    rows = two.effects_matrix().astype(np.float64)
+    flat = torch.cat([v.reshape(-1) for v in two.Sigma_.values()]).numpy()
+    np.testing.assert_allclose(flat, rows.var(axis=0, ddof=1), rtol=1e-4, atol=1e-8)
