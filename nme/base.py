@@ -584,6 +584,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         covariance = None
         if self._effects_covariance is not None:
             covariance = gather_rows(self._effects_covariance, comm)
+        self._n_persons_local = len(self.persons_)
         if comm.rank != 0:
             self._shard = (comm.rank, comm.world_size)
             return

@@ -353,21 +353,28 @@ def launch(fn: Callable[..., Any], args: tuple, nproc: int, log_dir: str | None 
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", str(message))
-        raise RankFailed(rank, str(message).strip() or f"exit code {failure.exitcode}",
-                         failure.exitcode) from None
+        if not os.path.isfile(failure.error_file) or not str(message).strip():
+            # no error file: died before its function ran (import error), or by a signal
+            died = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
+                    else f"exit code {failure.exitcode}")
+            message = f"{died}; its traceback, if any, is in the output above"
+        raise RankFailed(rank, str(message).strip(), failure.exitcode) from None
 
 
-def _fit_rank(estimator: Any, fit_args: tuple, fit_kwargs: dict, out: str) -> int:
+def _fit_rank(estimator: Any, fit_args: tuple, fit_kwargs: dict, out: str) -> dict[str, Any]:
     """One rank of :func:`fit_distributed`: fit (the estimator finds the process group);
-    rank 0 saves the complete estimator to ``out``."""
+    rank 0 saves the complete estimator to ``out``. Returns what this rank holds."""
     from nme.base import resolve_device
 
     comm = current_comm(resolve_device(estimator.device))
     estimator.fit(*fit_args, **fit_kwargs)
     rank = 0 if comm is None else comm.rank
+    own = getattr(estimator, "_n_persons_local", len(estimator.person_ids_))
     if rank == 0:
         estimator.save(out)
-    return rank
+    return {"rank": rank, "world_size": 1 if comm is None else comm.world_size,
+            "persons": own, "sigma2": estimator.sigma2_,
+            "Sigma": estimator._Sigma_flat.detach().cpu().tolist()}
 
 
 def fit_distributed(estimator: Any, *fit_args: Any, nproc: int = 2, **fit_kwargs: Any) -> Any:
@@ -375,7 +382,9 @@ def fit_distributed(estimator: Any, *fit_args: Any, nproc: int = 2, **fit_kwargs
 
     ``estimator.fit(*fit_args, **fit_kwargs)`` runs in every rank (each keeps its own persons'
     rows, see :func:`shard_mask`); rank 0 saves the artifact to a temporary directory, which
-    is loaded here. ``nproc=1`` fits in this process. The estimator passed in is not changed.
+    is loaded here. The returned estimator's ``ranks_`` lists, per rank, the persons it
+    trained and its σ² and Σ (the same on every rank). ``nproc=1`` fits in this process. The
+    estimator passed in is not changed.
 
     Raises:
         RankFailed: a rank failed (the others were stopped).
@@ -388,5 +397,7 @@ def fit_distributed(estimator: Any, *fit_args: Any, nproc: int = 2, **fit_kwargs
         return clone(estimator).fit(*fit_args, **fit_kwargs)
     with tempfile.TemporaryDirectory(prefix="nme-fit-") as tmp:
         out = os.path.join(tmp, "model")
-        launch(_fit_rank, (estimator, fit_args, fit_kwargs, out), nproc)
-        return load_estimator(out, device=str(estimator.device))
+        ranks = launch(_fit_rank, (estimator, fit_args, fit_kwargs, out), nproc)
+        fitted = load_estimator(out, device=str(estimator.device))
+    fitted.ranks_ = [ranks[r] for r in sorted(ranks)]
+    return fitted

@@ -1,22 +1,24 @@
 """Person-sharded training on torch.distributed with two gloo ranks (NCCL with two GPUs).
 
-Each launch starts two processes (the elastic launcher, spawn), so the module shares its
-launches: one 2-rank fit through the API, one through ``nme fit --nproc 2``, one failing run and
-one stopped run.
+Each launch starts two processes (the elastic launcher, spawn: a few seconds each on a busy
+machine), so the module keeps them few and small: two 2-rank fits (the estimator's defaults,
+and a procedure whose Σ is exactly the spread of the rows) shared by the tests, one through
+``nme fit --nproc 2``, one failing run and one stopped run.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from nme import NMERegressor, load_estimator
 from nme.cli import main
@@ -27,7 +29,10 @@ from nme.simulate import MOOD_FEATURES, simulate_mood
 # the paper's M-step without annealing and θⁱ as the epochs left them: Σ is then exactly the
 # sample variance of the (best epoch's) θⁱ rows, which the test recomputes
 EXACT_SPREAD = {"hidden": (16,), "m_step": "paper", "anneal": None, "e_step": "sgd",
-                "max_epochs": 25, "random_state": 0}
+                "batch_size": 128, "max_epochs": 12, "random_state": 0}
+DEFAULTS = {"hidden": (16,), "batch_size": 128, "max_epochs": 12, "random_state": 0}
+"""The estimator's own fit procedure (Newton E-step, Laplace M-step), small and short."""
+CONFIGS = {"exact_spread": EXACT_SPREAD, "defaults": DEFAULTS}
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +54,22 @@ def _per_person_rmse(est: NMERegressor, test) -> float:  # type: ignore[no-untyp
     return float(np.sqrt(sq).mean())
 
 
+def _fits(mood: tuple, device: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # short fits on purpose
+        start = time.perf_counter()
+        twos = {name: fit_distributed(NMERegressor(device=device, **params), *_fit_args(mood),
+                                      nproc=2)
+                for name, params in CONFIGS.items()}
+        seconds = time.perf_counter() - start
+        ones = {name: NMERegressor(device=device, **params).fit(*_fit_args(mood))
+                for name, params in CONFIGS.items()}
+    return {"one": ones, "two": twos, "seconds": seconds}
+
+
 @pytest.fixture(scope="module")
 def fits(mood: tuple) -> dict:
-    one = NMERegressor(device="cpu", **EXACT_SPREAD).fit(*_fit_args(mood))
-    start = time.perf_counter()
-    two = fit_distributed(NMERegressor(device="cpu", **EXACT_SPREAD), *_fit_args(mood), nproc=2)
-    return {"one": one, "two": two, "seconds": time.perf_counter() - start}
+    return _fits(mood, "cpu")
 
 
 def test_owner_is_stable_and_covers_every_person() -> None:
@@ -66,25 +81,41 @@ def test_owner_is_stable_and_covers_every_person() -> None:
     assert shard_mask(ids, None).all()
 
 
+def _check_two_ranks(fits: dict, mood: tuple) -> None:
+    for name in CONFIGS:
+        one, two = fits["one"][name], fits["two"][name]
+        assert sorted(two.person_ids_) == sorted(one.person_ids_)  # every person, once
+        rmse_one, rmse_two = _per_person_rmse(one, mood[2]), _per_person_rmse(two, mood[2])
+        assert abs(rmse_two - rmse_one) <= 0.03 * rmse_one, (name, rmse_one, rmse_two)
+        assert two.sigma2_ == pytest.approx(one.sigma2_, rel=0.1)
+        print(f"{name}: per-person RMSE 1 process {rmse_one:.4f}, 2 ranks {rmse_two:.4f}")
+        # every rank took the same decisions and holds the same σ², Σ; each its own persons
+        ranks = two.ranks_
+        assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+        assert ranks[0]["sigma2"] == ranks[1]["sigma2"] == pytest.approx(two.sigma2_)
+        assert ranks[0]["Sigma"] == ranks[1]["Sigma"]
+        assert ranks[0]["persons"] + ranks[1]["persons"] == len(two.person_ids_)
+        assert min(r["persons"] for r in ranks) > 0
+    print(f"both 2-rank fits {fits['seconds']:.1f} s")
+
+
 def test_two_ranks_match_one_process(fits: dict, mood: tuple) -> None:
-    one, two = fits["one"], fits["two"]
-    assert sorted(two.person_ids_) == sorted(one.person_ids_)  # every person, once
-    rmse_one, rmse_two = _per_person_rmse(one, mood[2]), _per_person_rmse(two, mood[2])
-    assert abs(rmse_two - rmse_one) <= 0.03 * rmse_one, (rmse_one, rmse_two)
-    assert two.sigma2_ == pytest.approx(one.sigma2_, rel=0.1)
-    print(f"per-person RMSE 1 process {rmse_one:.4f}, 2 ranks {rmse_two:.4f}; "
-          f"2-rank fit {fits['seconds']:.1f} s")
+    _check_two_ranks(fits, mood)
+
+
+def _check_spread(est: NMERegressor) -> None:
+    rows = est.effects_matrix().astype(np.float64)  # every rank's θⁱ, gathered on rank 0
+    flat = torch.cat([v.reshape(-1) for v in est.Sigma_.values()]).numpy()
+    np.testing.assert_allclose(flat, rows.var(axis=0, ddof=1), rtol=1e-4, atol=1e-8)
+    # σ² is the best epoch's mean training loss over every rank's items
+    record = est.history_[est.best_epoch_ - 1]
+    assert est.sigma2_ == pytest.approx(record["train_loss"], rel=1e-6)
 
 
 def test_sigma_is_the_spread_of_all_ranks_rows(fits: dict) -> None:
-    two = fits["two"]
-    rows = two.effects_matrix().astype(np.float64)  # every rank's θⁱ, gathered on rank 0
-    assert rows.shape[0] == len(two.person_ids_) == 40
-    flat = torch.cat([v.reshape(-1) for v in two.Sigma_.values()]).numpy()
-    np.testing.assert_allclose(flat, rows.var(axis=0, ddof=1), rtol=1e-4, atol=1e-8)
-    # σ² is the best epoch's mean training loss over every rank's items
-    record = two.history_[two.best_epoch_ - 1]
-    assert two.sigma2_ == pytest.approx(record["train_loss"], rel=1e-6)
+    two = fits["two"]["exact_spread"]
+    assert two.effects_matrix().shape[0] == len(two.person_ids_) == 40
+    _check_spread(two)
 
 
 def test_cli_nproc_2_writes_one_artifact(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -93,7 +124,8 @@ def test_cli_nproc_2_writes_one_artifact(tmp_path: Path, capsys: pytest.CaptureF
     df.to_csv(data, index=False)
     out = tmp_path / "model"
     code = main(["fit", "--data", str(data), "--person-col", "user", "--target", "mood",
-                 "--time-col", "day", "--hidden", "16", "--max-epochs", "8", "--device", "cpu",
+                 "--time-col", "day", "--hidden", "16", "--max-epochs", "4", "--batch-size", "256",
+                 "--device", "cpu",
                  "--nproc", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
@@ -110,7 +142,7 @@ def test_a_failed_rank_fails_the_run(tmp_path: Path, mood: tuple,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NME_FAIL_RANK", "1:1")  # rank 1 raises after its first epoch
     with pytest.raises(RankFailed, match="rank 1 failed.*injected failure") as err:
-        fit_distributed(NMERegressor(device="cpu", hidden=(8,), max_epochs=5),
+        fit_distributed(NMERegressor(device="cpu", hidden=(8,), batch_size=256, max_epochs=5),
                         *_fit_args(mood), nproc=2)
     assert err.value.rank == 1
 
@@ -175,12 +207,6 @@ def test_stopping_the_parent_leaves_no_rank(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices for NCCL")
 def test_two_ranks_on_nccl(mood: tuple) -> None:
-    os.environ.pop("NME_FAIL_RANK", None)
-    two = fit_distributed(NMERegressor(device="cuda", **EXACT_SPREAD), *_fit_args(mood),
-                          nproc=2)
-    one = NMERegressor(device="cuda", **EXACT_SPREAD).fit(*_fit_args(mood))
-    rmse_one, rmse_two = _per_person_rmse(one, mood[2]), _per_person_rmse(two, mood[2])
-    assert abs(rmse_two - rmse_one) <= 0.03 * rmse_one
-    rows = two.effects_matrix().astype(np.float64)
-    flat = torch.cat([v.reshape(-1) for v in two.Sigma_.values()]).numpy()
-    np.testing.assert_allclose(flat, rows.var(axis=0, ddof=1), rtol=1e-4, atol=1e-8)
+    fits = _fits(mood, "cuda")
+    _check_two_ranks(fits, mood)
+    _check_spread(fits["two"]["exact_spread"])
