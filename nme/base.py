@@ -349,6 +349,9 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
     _effects_covariance: torch.Tensor | None = None
     _comm: Comm | None = None
     """This rank's collectives while a distributed fit runs (None otherwise)."""
+    _shard: tuple[int, int] | None = None
+    """``(rank, world size)`` on the ranks other than 0 after a distributed fit: the estimator
+    holds only that rank's persons (None: it holds every training person)."""
 
     COVARIANCE_MAX_FLOATS: ClassVar[int] = 1 << 25
     """Training persons keep their whole posterior covariance ``(P, d, d)`` (for the
@@ -461,6 +464,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
     ) -> None:
         """:meth:`_fit` once the device and the process group (``comm``, or None) are known."""
         check_injected_failure(comm, 0)
+        self._shard = None
         items = training()
         self.persons_ = PersonIndex(items.ids)
         seed = self.random_state
@@ -923,7 +927,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         database); person ids are then not stored either.
         """
         self._check_fitted()
-        shard = getattr(self, "_shard", None)
+        shard = self._shard
         if shard is not None:
             raise ValueError(f"this estimator holds only the persons of rank {shard[0]} of a "
                              f"distributed fit over {shard[1]} ranks; rank 0 holds all of them "

@@ -22,8 +22,18 @@ from sklearn.exceptions import ConvergenceWarning
 
 from nme import NMERegressor, load_estimator
 from nme.cli import main
-from nme.data import temporal_split
-from nme.distributed import RankFailed, fit_distributed, owner_of, shard_mask
+from nme.data import Standardizer, temporal_split
+from nme.distributed import (
+    Comm,
+    RankFailed,
+    current_comm,
+    fit_distributed,
+    fit_standardizer,
+    gather_rows,
+    owner_of,
+    shard_mask,
+    union_labels,
+)
 from nme.simulate import MOOD_FEATURES, simulate_mood
 
 # the paper's M-step without annealing and θⁱ as the epochs left them: Σ is then exactly the
@@ -97,6 +107,31 @@ def _check_two_ranks(fits: dict, mood: tuple) -> None:
         assert ranks[0]["persons"] + ranks[1]["persons"] == len(two.person_ids_)
         assert min(r["persons"] for r in ranks) > 0
     print(f"both 2-rank fits {fits['seconds']:.1f} s")
+
+
+def test_reductions_of_one_rank_equal_the_plain_statistics(tmp_path: Path) -> None:
+    """The collectives' arithmetic in this process (a gloo group of one rank): the spread,
+    mean row, standardiser and gathered rows are what the single-process code computes."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert current_comm() is None  # one rank: the fit takes the single-process path
+        comm = Comm(0, 1, torch.device("cpu"))
+        table = torch.randn(7, 3)
+        n, var = comm.spread(table)
+        assert n == 7
+        torch.testing.assert_close(var, table.var(0, unbiased=True))
+        torch.testing.assert_close(comm.mean_row(table), table.mean(0))
+        values = np.random.default_rng(0).normal(3.0, 2.0, (50, 4))
+        ours, plain = fit_standardizer(values, comm), Standardizer.fit(values)
+        np.testing.assert_allclose(ours.mean, plain.mean, rtol=1e-6)
+        np.testing.assert_allclose(ours.std, plain.std, rtol=1e-6)
+        gathered = gather_rows(table, comm)
+        assert gathered is not None
+        torch.testing.assert_close(gathered, table)
+        assert union_labels({"b", "a"}, comm) == {"a", "b"}
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_match_one_process(fits: dict, mood: tuple) -> None:
