@@ -296,13 +296,17 @@ def _die_with_parent() -> None:
     so no rank outlives a killed launcher."""
     if not sys.platform.startswith("linux"):
         return
-    try:
-        import ctypes
+    import ctypes
+    import multiprocessing
 
+    try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # no libc: the launcher's own shutdown still stops the ranks
         return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # the launcher died before the signal was armed
 
 
 def _rank_entry(fn: Callable[..., Any], args: tuple) -> Any:
