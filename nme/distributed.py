@@ -129,7 +129,7 @@ class Comm:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p)  # views of one buffer
             offset += n
 
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
