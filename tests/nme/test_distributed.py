@@ -173,6 +173,32 @@ def test_cli_nproc_2_writes_one_artifact(tmp_path: Path, capsys: pytest.CaptureF
                  "--out", str(tmp_path / "preds.csv")]) == 0
 
 
+def test_nproc_under_torchrun_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    code = main(["fit", "--data", str(tmp_path / "x.csv"), "--person-col", "user", "--target",
+                 "mood", "--nproc", "2", "--out", str(tmp_path / "model")])
+    assert code == 2
+    assert "under torchrun" in capsys.readouterr().err
+
+
+def test_only_the_complete_estimator_saves(mood: tuple, tmp_path: Path) -> None:
+    est = NMERegressor(hidden=(4,), max_epochs=1, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(*_fit_args(mood)[:3])
+    est._shard = (1, 2)  # what a rank other than 0 holds after a distributed fit
+    with pytest.raises(ValueError, match="only the persons of rank 1"):
+        est.save(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(*_fit_args(mood)[:3])  # a new fit in one process holds every person again
+    est.save(tmp_path / "model")
+
+
 def test_a_failed_rank_fails_the_run(tmp_path: Path, mood: tuple,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NME_FAIL_RANK", "1:1")  # rank 1 raises after its first epoch
