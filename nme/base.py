@@ -43,6 +43,8 @@ Why these defaults, with the measurements: ``docs/decisions.md``.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import logging
 import os
 import warnings
 from collections.abc import Callable, Hashable, Sequence
@@ -56,12 +58,24 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from nme.artifact import ArtifactError, read_artifact, write_artifact
 from nme.data import PersonIndex, Standardizer
+from nme.distributed import (
+    Comm,
+    check_injected_failure,
+    current_comm,
+    fit_standardizer,
+    gather_rows,
+    local_device,
+    shard_mask,
+    union_labels,
+)
 from nme.estep import FULL_MAX_DIM, Posterior, group_persons, posterior_modes
 from nme.mlp import ACTIVATIONS
 from nme.objective import M_STEPS
 from nme.personalize import METHODS, EffectsLayout, PersonalizedModule
-from nme.persons import Gathered
+from nme.persons import Gathered, PersonTable
 from nme.train import BATCHINGS, SquaredGrads, TrainConfig, auto_batch_size, fit_loop
+
+logger = logging.getLogger(__name__)
 
 E_STEPS = ("newton", "final", "sgd")
 """How θⁱ are fitted (``e_step=``), for ``method="nme"`` (the only variant with a posterior):
@@ -333,6 +347,11 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
     variance is computed."""
 
     _effects_covariance: torch.Tensor | None = None
+    _comm: Comm | None = None
+    """This rank's collectives while a distributed fit runs (None otherwise)."""
+    _shard: tuple[int, int] | None = None
+    """``(rank, world size)`` on the ranks other than 0 after a distributed fit: the estimator
+    holds only that rank's persons (None: it holds every training person)."""
 
     COVARIANCE_MAX_FLOATS: ClassVar[int] = 1 << 25
     """Training persons keep their whole posterior covariance ``(P, d, d)`` (for the
@@ -426,12 +445,45 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         """
         self._validate_params()
         self.device_ = resolve_device(self.device)
+        comm = current_comm(self.device_)
+        if comm is not None:
+            self.device_ = local_device(self.device_)
+        self._comm = comm
+        try:
+            self._fit_with(training, validation, callback, comm)
+        finally:
+            self._comm = None
+        return self
+
+    def _fit_with(
+        self,
+        training: Callable[[], _Items],
+        validation: Callable[[], _Items] | None,
+        callback: Callable[[dict], None] | None,
+        comm: Comm | None,
+    ) -> None:
+        """:meth:`_fit` once the device and the process group (``comm``, or None) are known."""
+        check_injected_failure(comm, 0)
+        self._shard = None
         items = training()
         self.persons_ = PersonIndex(items.ids)
-        if self.random_state is not None:
-            torch.manual_seed(self.random_state)
+        seed = self.random_state
+        if comm is not None and seed is None:
+            # the replicated θ̄ (and, under specific, every row's start) must be equal on all
+            # ranks: one random seed, chosen by rank 0
+            seed = comm.agree(int(torch.randint(0, 2**31 - 1, ())))
+        if seed is not None:
+            torch.manual_seed(seed)
         self.module_ = self._build(items.x.shape[-1], len(self.persons_)).to(self.device_)
         persons = torch.from_numpy(self.persons_.encode(items.ids)).to(self.device_)  # (n,)
+        self.world_size_ = 1 if comm is None else comm.world_size
+        self._n_persons_total = len(self.persons_)
+        if comm is not None:
+            comm.broadcast_parameters(self.module_.base)
+            self._n_persons_total = int(comm.sum_floats(len(self.persons_))[0])
+            if comm.rank == 0:
+                logger.info("distributed fit: world size %d, %d persons", comm.world_size,
+                            self._n_persons_total)
 
         def item_loss(
             idx: torch.Tensor, effects: torch.Tensor | None = None
@@ -444,34 +496,109 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
 
             def validate() -> dict[str, float]:
                 self._set_fallback()  # the table moved during the epoch
-                return self._val_scores(held_out, self._rows_for(held_out.ids))
+                if comm is None:
+                    return self._val_scores(held_out, self._rows_for(held_out.ids))
+                return self._reduced_val_scores(held_out, comm)
 
         # every epoch only where the E-step is one exact step (squared error on a linear
         # placement): elsewhere several Newton passes per epoch would cost far more than the
         # epoch's Adam steps (measured: nme/all on mood 135 s instead of 3 s per fit)
         newton = (self.method == "nme" and self._newton_e_step and self.e_step == "newton"
                   and self.module_.effect_dim > 0 and self._constant_curvature())
+        n_items = len(items.ids) if comm is None else int(comm.sum_floats(len(items.ids))[0])
+        config = self._train_config(n_items)
+        if comm is not None:
+            # the batch size is the global one: every rank takes its share per step
+            config = dataclasses.replace(
+                config, batch_size=max(1, -(-config.batch_size // comm.world_size)))
         result = fit_loop(
-            self.module_, persons, item_loss, self._train_config(len(items.ids)), validate,
+            self.module_, persons, item_loss, config, validate,
             callback, self._squared_grads(items, persons),
-            self._e_step(items, persons) if newton else None,
+            self._e_step(items, persons) if newton else None, comm,
         )
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
-        if not result.converged:
+        if not result.converged and (comm is None or comm.rank == 0):
             warnings.warn(
                 f"{type(self).__name__} used its whole budget of max_epochs={self.max_epochs} "
                 f"epochs without converging (tol={self.tol}, patience={self.patience}); raise "
                 "max_epochs, or check the learning rate and the history_",
-                ConvergenceWarning, stacklevel=3,
+                ConvergenceWarning, stacklevel=4,
             )
         self.sigma2_ = result.sigma2
         self._Sigma_flat = result.Sigma.detach().to(self.device_)
         self._final_e_step(items, persons)
         self._set_fallback()
-        return self
+        if comm is not None:
+            self._gather_persons(comm)
+
+    # ----------------------------------------------------------------- distributed fit
+    def _own_rows(self, ids: list) -> np.ndarray | None:
+        """Positions of the rows whose person this rank owns, or None when it owns all (one
+        process): see :func:`nme.distributed.shard_mask`."""
+        comm = getattr(self, "_comm", None)
+        if comm is None:
+            return None
+        return np.flatnonzero(shard_mask(ids, comm))
+
+    def _fit_scaler(self, values: np.ndarray) -> Standardizer:
+        """z-normalisation statistics of the training values of every rank."""
+        return fit_standardizer(values, getattr(self, "_comm", None))
+
+    def _all_labels(self, labels: set) -> set:
+        """The labels (classes, states) seen in the training data of any rank."""
+        return union_labels(labels, getattr(self, "_comm", None))
+
+    _VAL_RMS: ClassVar[frozenset[str]] = frozenset()
+    """Validation scores that are root-mean-squares (RMSE): reduced over ranks as
+    sqrt(Σ w·s² / Σ w); the others as weighted means Σ w·s / Σ w."""
+
+    def _val_weights(self, items: _Items) -> dict[str, float]:
+        """How much each validation score of ``items`` weighs when ranks are combined: the
+        units it averages over (items here; segments for a per-segment accuracy)."""
+        n = float(len(items.ids))
+        return {"val_loss": n, "val_metric": n}
+
+    def _reduced_val_scores(self, items: _Items, comm: Comm) -> dict[str, float]:
+        """:meth:`_val_scores` over every rank's validation items, the same on every rank."""
+        keys = ("val_loss", "val_metric")
+        weights = self._val_weights(items) if len(items.ids) else dict.fromkeys(keys, 0.0)
+        scores = (self._val_scores(items, self._rows_for(items.ids)) if len(items.ids)
+                  else dict.fromkeys(keys, 0.0))
+        parts = []
+        for k in keys:
+            value = scores[k] ** 2 if k in self._VAL_RMS else scores[k]
+            parts += [weights[k] * value, weights[k]]
+        sums = comm.sum_floats(*parts)
+        out = {}
+        for j, k in enumerate(keys):
+            mean = sums[2 * j] / sums[2 * j + 1] if sums[2 * j + 1] else float("inf")
+            out[k] = mean**0.5 if k in self._VAL_RMS else mean
+        return out
+
+    def _gather_persons(self, comm: Comm) -> None:
+        """After a distributed fit: every rank's θⁱ rows, posterior variances (and whole
+        covariances) and person ids onto rank 0, which then holds the complete estimator;
+        the other ranks keep their own persons and refuse to :meth:`save`."""
+        ids = [p for part in comm.all_gather_objects(list(self.persons_.ids)) for p in part]
+        table = gather_rows(self.module_.persons.weight.detach(), comm)
+        variance = gather_rows(self._effects_variance, comm)
+        covariance = None
+        if self._effects_covariance is not None:
+            covariance = gather_rows(self._effects_covariance, comm)
+        self._n_persons_local = len(self.persons_)
+        if comm.rank != 0:
+            self._shard = (comm.rank, comm.world_size)
+            return
+        assert table is not None and variance is not None
+        self.persons_ = PersonIndex(ids)
+        self.module_.persons = PersonTable(len(ids), table.shape[1]).to(self.device_)
+        with torch.no_grad():
+            self.module_.persons.weight.copy_(table)
+        self._effects_variance = variance
+        self._effects_covariance = covariance  # the fallback row is already every rank's
 
     def _e_step(
         self, items: _Items, persons: torch.Tensor
@@ -538,8 +665,9 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
             return
         run = self._e_step(items, persons)
         final_newton = self.method == "nme" and self._newton_e_step and self.e_step != "sgd"
+        total = getattr(self, "_n_persons_total", n_persons)  # every rank's persons
         keep_covariance = (dim <= FULL_MAX_DIM
-                           and n_persons * dim * dim <= self.COVARIANCE_MAX_FLOATS)
+                           and total * dim * dim <= self.COVARIANCE_MAX_FLOATS)
         post = run(self.sigma2_, self._Sigma_flat, None if final_newton else 0,
                    keep_variance=True, keep_covariance=keep_covariance)
         assert post.variance is not None
@@ -548,9 +676,13 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
             self._effects_covariance = post.covariance.detach()
 
     def _set_fallback(self) -> None:
-        """θⁱ used for unknown persons: zero, or the persons' mean under ``specific``."""
+        """θⁱ used for unknown persons: zero, or the persons' mean under ``specific`` (over
+        every rank's persons during a distributed fit)."""
         table = self.module_.persons.weight.detach()
-        if self.method == "specific" and table.shape[0] > 0:
+        comm = getattr(self, "_comm", None)
+        if self.method == "specific" and comm is not None:
+            self.fallback_effect_ = comm.mean_row(table)
+        elif self.method == "specific" and table.shape[0] > 0:
             self.fallback_effect_ = table.mean(dim=0)
         else:
             self.fallback_effect_ = torch.zeros(table.shape[1], device=table.device)
@@ -795,6 +927,11 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         database); person ids are then not stored either.
         """
         self._check_fitted()
+        shard = self._shard
+        if shard is not None:
+            raise ValueError(f"this estimator holds only the persons of rank {shard[0]} of a "
+                             f"distributed fit over {shard[1]} ranks; rank 0 holds all of them "
+                             "and saves the artifact")
         ids = self.persons_.ids if include_effects else []
         bad = [p for p in ids if not isinstance(p, (str, int))]
         if bad:

@@ -114,10 +114,16 @@ class _TabularEstimator(_NMEEstimator):
             raise ValueError(f"persons has {len(ids)} entries, X has {x.shape[0]} rows")
         if x.shape[0] == 0:
             raise ValueError("cannot fit on an empty training set")
+        own = self._own_rows(ids)  # a distributed fit keeps this rank's persons' rows
+        if own is not None:
+            y = _target_1d(y, "y")
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has {y.shape[0]} entries, X has {x.shape[0]} rows")
+            x, y, ids = x[own], y[own], [ids[k] for k in own]
         self.feature_names_ = names or [f"x{k}" for k in range(x.shape[1])]
         self._names_from_frame = names is not None
         self._set_feature_attributes(names, x.shape[1])
-        self.x_scaler_ = Standardizer.fit(x)
+        self.x_scaler_ = self._fit_scaler(x)
         y_t = self._encode_target(y, fitting=True)
         if y_t.shape[0] != x.shape[0]:
             raise ValueError(f"y has {y_t.shape[0]} entries, X has {x.shape[0]} rows")
@@ -134,7 +140,12 @@ class _TabularEstimator(_NMEEstimator):
             raise ValueError("X_val needs y_val and persons_val")
         x = self._input(X_val, "X_val")
         y = self._encode_target(y_val, fitting=False, name="y_val").to(self.device_)
-        return _Items(x=x, y=y, ids=as_id_list(persons_val))
+        ids = as_id_list(persons_val)
+        own = self._own_rows(ids)  # a distributed fit validates each rank's own persons
+        if own is not None:
+            index = torch.from_numpy(own).to(self.device_)
+            x, y, ids = x[index], y[index], [ids[k] for k in own]
+        return _Items(x=x, y=y, ids=ids)
 
     def _train_losses(
         self,
@@ -361,7 +372,7 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
         if not np.isfinite(yv).all():
             raise ValueError(f"{name} contains NaN or inf")
         if fitting:
-            self.y_scaler_ = Standardizer.fit(yv)
+            self.y_scaler_ = self._fit_scaler(yv)
         return torch.from_numpy(self.y_scaler_.transform(yv))
 
     def _item_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -374,6 +385,8 @@ class NMERegressor(RegressorMixin, _TabularEstimator):
         # l = r², ½ ∂²l/∂out² = 1
         return (resid.squeeze(-1) ** 2, 2 * resid,
                 torch.ones(out.shape[0], 1, 1, dtype=out.dtype, device=out.device))
+
+    _VAL_RMS = frozenset({"val_metric"})  # the RMSE combines over ranks as a root mean square
 
     def _constant_curvature(self) -> bool:
         # squared error: the Gauss–Newton curvature is exact and constant when the output is
@@ -623,7 +636,7 @@ class NMEClassifier(ClassifierMixin, _TabularEstimator):
         labels = as_id_list(values)
         if fitting:
             check_classification_targets(values)  # "Unknown label type" for continuous y
-            classes = sorted(set(labels), key=lambda c: (str(type(c)), c))
+            classes = sorted(self._all_labels(set(labels)), key=lambda c: (str(type(c)), c))
             if len(classes) < 2:
                 raise ValueError(f"classification needs at least two classes in y; got one "
                                  f"class: {classes}")

@@ -78,6 +78,7 @@ def m_step(
     posterior: tuple[torch.Tensor, float] | None = None,
     fixed_sigma2: float | None = None,
     fixed_point: bool = False,
+    spread: tuple[int, torch.Tensor] | None = None,
 ) -> tuple[float, torch.Tensor]:
     """The M-step after an epoch.
 
@@ -98,18 +99,22 @@ def m_step(
             data barely determine (Vᵢ ≈ Σ), where the EM form keeps Σ ≈ Σ_old for many epochs
             — so the starting Σ would decide. For exact posteriors (the Newton E-step);
             ``anneal`` does not apply.
+        spread: ``(P, var (dim,))`` the number of persons and the sample variance of their θⁱ
+            when ``effects`` holds only some of them (a rank of a distributed fit,
+            :meth:`nme.distributed.Comm.spread`); default computed from ``effects``.
 
     Returns:
         ``(sigma2, Sigma)``; Σ is the sample variance (ddof = 1) of θⁱ across persons, per
         parameter. With fewer than two persons there is no spread to measure and Σ is kept.
     """
-    if effects.shape[0] < 2 or effects.shape[1] == 0:
+    n_persons = effects.shape[0] if spread is None else spread[0]
+    if n_persons < 2 or effects.shape[1] == 0:
         return float(mean_loss if fixed_sigma2 is None else fixed_sigma2), sigma_old
-    var = effects.detach().var(dim=0, unbiased=True)  # (dim,)
+    var = effects.detach().var(dim=0, unbiased=True) if spread is None else spread[1]  # (dim,)
     if posterior is not None and fixed_point:
         # each person's share of information about a parameter, 1 − Vᵢ/Σ, averaged; at
         # least one person's worth so a parameter nobody's data determine shrinks, not blows up
-        informed = (1.0 - posterior[0] / sigma_old).clamp_min(1.0 / effects.shape[0])
+        informed = (1.0 - posterior[0] / sigma_old).clamp_min(1.0 / n_persons)
         mean_loss = mean_loss + posterior[1]
         if fixed_sigma2 is not None:
             mean_loss = fixed_sigma2
@@ -157,6 +162,19 @@ def laplace_posterior(
     """
     V = 1.0 / (curvature / sigma2 + 1.0 / Sigma)  # (n_persons, dim)
     return V.mean(dim=0), float((curvature * V).sum()) / max(n_items, 1)
+
+
+def laplace_posterior_sums(
+    curvature: torch.Tensor, sigma2: float, Sigma: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """The sums behind :func:`laplace_posterior` for some of the persons (one rank's), to be
+    added over the ranks: ``(Σᵢ Vᵢ (dim,), Σᵢ Σ_k Hᵢₖ Vᵢₖ)``.
+
+    Args:
+        curvature: ``(P_r, dim)`` Hᵢ of these persons; sigma2, Sigma: as there.
+    """
+    V = 1.0 / (curvature / sigma2 + 1.0 / Sigma)  # (P_r, dim)
+    return V.sum(dim=0), float((curvature * V).sum())
 
 
 def fisher_curvature(

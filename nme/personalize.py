@@ -245,7 +245,7 @@ class PersonalizedModule(nn.Module):
         return self.layout.dim
 
     @torch.no_grad()
-    def recentre(self) -> torch.Tensor:
+    def recentre(self, mean: torch.Tensor | None = None) -> torch.Tensor:
         """Move the mean θⁱ across persons into θ̄: θ̄ += m, θⁱ −= m for every person.
 
         Every θ̄ + θⁱ, hence every prediction, is unchanged, and Σᵢ θⁱᵀΣ⁻¹θⁱ can only shrink
@@ -253,13 +253,19 @@ class PersonalizedModule(nn.Module):
         mean is zero anyway (the θ̄-gradient of the data term is −2Σ⁻¹ Σᵢ θⁱ there); moving it
         at once saves the many small Adam steps θ̄ would need to absorb it.
 
+        Args:
+            mean: ``(dim,)`` the mean to move, when the table holds only some of the persons
+                (a rank of a distributed fit: the mean over every rank's rows); default the
+                table's own mean.
+
         Returns:
             ``(dim,)`` the mean that moved (zeros without persons or placed parameters).
         """
         table = self.persons.weight
-        if table.shape[0] == 0 or self.layout.dim == 0:
+        if self.layout.dim == 0 or (mean is None and table.shape[0] == 0):
             return table.new_zeros(self.layout.dim)
-        mean = table.mean(dim=0)  # (dim,)
+        if mean is None:
+            mean = table.mean(dim=0)  # (dim,)
         params = dict(self.base.named_parameters())
         for name, delta in self.layout.split(mean).items():
             params[name].add_(delta)

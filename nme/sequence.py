@@ -34,7 +34,7 @@ from torch import nn
 
 from nme import crf
 from nme.base import _Items, _NMEEstimator
-from nme.data import ArrayLike, Standardizer, as_id_list, feature_matrix
+from nme.data import ArrayLike, as_id_list, feature_matrix
 from nme.mlp import MLP
 from nme.objective import SIGMA2_RULES
 from nme.personalize import PersonalizedModule, resolve_placement
@@ -454,18 +454,22 @@ class NMESequenceTagger(_NMEEstimator):
         ids = as_id_list(persons)
         if len(ids) != len(feats):
             raise ValueError(f"persons has {len(ids)} entries for {len(feats)} sequences")
+        own = self._own_rows(ids)  # a distributed fit keeps this rank's persons' sequences
+        if own is not None:
+            feats, labels = [feats[k] for k in own], [labels[k] for k in own]
+            ids = [ids[k] for k in own]
         x_list = self._features(feats, "sequences", fitting=True)
         if self.states is not None:
             self.states_ = as_id_list(list(self.states))
         else:
-            seen = {s for lab in labels for s in as_id_list(lab)}
+            seen = self._all_labels({s for lab in labels for s in as_id_list(lab)})
             self.states_ = sorted(seen, key=lambda c: (str(type(c)), c))
         if len(self.states_) < 2:
             raise ValueError("sequence tagging needs at least two states")
         self.allowed_ = self._resolve_allowed()
         y_list = self._encode_labels(labels, [len(x) for x in x_list], "sequences")
         self._check_paths_allowed(y_list, "sequences")
-        self.x_scaler_ = Standardizer.fit(np.concatenate(x_list))
+        self.x_scaler_ = self._fit_scaler(np.concatenate(x_list))
         x, mask, y = self._tensors(x_list, y_list)
         assert y is not None
         return _Items(x=x, y=y, ids=ids, mask=mask)
@@ -481,6 +485,10 @@ class NMESequenceTagger(_NMEEstimator):
         ids = as_id_list(persons)
         if len(ids) != len(feats):
             raise ValueError(f"persons_val has {len(ids)} entries for {len(feats)} sequences")
+        own = self._own_rows(ids)  # a distributed fit validates each rank's own persons
+        if own is not None:
+            feats, labels = [feats[k] for k in own], [labels[k] for k in own]
+            ids = [ids[k] for k in own]
         x, mask, y = self._labelled_tensors(feats, labels, "sequences_val", "sequences_val")
         return _Items(x=x, y=y, ids=ids, mask=mask)
 
@@ -523,6 +531,11 @@ class NMESequenceTagger(_NMEEstimator):
             em, rows = self.module_(x, persons[idx])
         assert isinstance(rows, torch.Tensor)  # gathered=False: per-sequence rows
         return self._nll(em, items.y[idx, :longest], mask[:, :longest], rows), rows
+
+    def _val_weights(self, items: _Items) -> dict[str, float]:
+        # the accuracy is per segment: ranks combine by their segments
+        assert items.mask is not None
+        return {"val_loss": float(len(items.ids)), "val_metric": float(items.mask.sum())}
 
     def _val_scores(self, items: _Items, rows: torch.Tensor) -> dict[str, float]:
         """Mean CRF NLL per sequence and Viterbi accuracy per segment."""

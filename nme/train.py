@@ -8,6 +8,7 @@ used, so the MLP estimators and the sequence tagger share this loop.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import IO
 import torch
 from tqdm.auto import tqdm
 
+from nme.distributed import Comm, check_injected_failure
 from nme.estep import Posterior
 from nme.objective import (
     M_STEPS,
@@ -24,6 +26,7 @@ from nme.objective import (
     SIGMA2_RULES,
     fisher_curvature,
     laplace_posterior,
+    laplace_posterior_sums,
     m_step,
     nme_batch_loss,
 )
@@ -248,7 +251,7 @@ def empirical_fisher(
 def _epoch_order(persons: torch.Tensor, batching: str, gen: torch.Generator) -> torch.Tensor:
     """``(n_items,) long`` the order in which an epoch visits the items."""
     shuffled = torch.randperm(persons.shape[0], generator=gen)
-    if batching == "random":
+    if batching == "random" or persons.shape[0] == 0:
         return shuffled
     n_persons = int(persons.max()) + 1
     person_rank = torch.randperm(n_persons, generator=gen)
@@ -256,6 +259,78 @@ def _epoch_order(persons: torch.Tensor, batching: str, gen: torch.Generator) -> 
     # within each person
     keys = person_rank[persons.cpu()[shuffled]]
     return shuffled[torch.sort(keys, stable=True).indices]
+
+
+def _distributed_epoch(
+    module: PersonalizedModule,
+    comm: Comm,
+    order: torch.Tensor,
+    item_loss: ItemLoss,
+    n_obs_items: torch.Tensor,
+    step_items: list[int],
+    bs: int,
+    scale: float,
+    sigma_inv: torch.Tensor | None,
+    dense: torch.optim.Optimizer | None,
+    sparse: RowAdam | None,
+    generic: list[torch.nn.Parameter],
+) -> tuple[float, int]:
+    """One epoch's steps on this rank; returns the summed loss and items over all ranks.
+
+    Step k's loss is Eq. 2 over the union of the ranks' k-th batches: each rank's
+    ``nme_batch_loss`` (a mean over its b_r items) is weighted by b_r / Σ b_r, so the summed
+    θ̄ gradients (one ``all_reduce``) are those of the one big batch, and each θⁱ row (owned by
+    one rank) gets exactly its share. A rank out of items still joins every step with a zero
+    gradient, so every rank takes ``len(step_items)`` steps.
+    """
+    running, seen = 0.0, 0
+    for k, total in enumerate(step_items):
+        idx = order[k * bs : (k + 1) * bs]
+        if dense is not None:
+            dense.zero_grad(set_to_none=True)
+        if sparse is not None:
+            sparse.zero_grad(set_to_none=True)
+        if idx.shape[0]:
+            losses, rows = item_loss(idx)
+            loss = nme_batch_loss(losses, rows, n_obs_items[idx], scale, sigma_inv)
+            (loss * (idx.shape[0] / total)).backward()
+            running += float(losses.detach().sum())
+            seen += idx.shape[0]
+        if dense is not None:
+            comm.sum_grads(generic)
+            dense.step()
+        if sparse is not None and module.persons.weight.grad is not None:
+            sparse.step()
+    running, seen_f = comm.sum_floats(running, seen)
+    return running, int(seen_f)
+
+
+def _reduce_posterior(post: Posterior, comm: Comm) -> Posterior:
+    """This rank's E-step posterior with its sums (persons, loss, excess, variances) over
+    every rank; modes and variances stay this rank's rows."""
+    sums = comm.all_sum(torch.cat([
+        post.variance_sum.to(torch.float64),
+        torch.tensor([post.n_persons, post.loss_sum, post.excess], dtype=torch.float64,
+                     device=post.variance_sum.device),
+    ]))
+    d = post.variance_sum.shape[0]
+    return dataclasses.replace(
+        post, variance_sum=sums[:d], n_persons=int(sums[d]), loss_sum=float(sums[d + 1]),
+        excess=float(sums[d + 2]), newton_steps=comm.max_int(post.newton_steps),
+    )
+
+
+def _reduced_laplace(
+    curvature: torch.Tensor, sigma2: float, Sigma: torch.Tensor, n_total: int, comm: Comm
+) -> tuple[torch.Tensor, float]:
+    """:func:`nme.objective.laplace_posterior` over every rank's persons (``curvature:
+    (P_r, d)`` this rank's)."""
+    v_sum, excess = laplace_posterior_sums(curvature, sigma2, Sigma)
+    sums = comm.all_sum(torch.cat([v_sum.to(torch.float64), v_sum.new_tensor(
+        [curvature.shape[0], excess], dtype=torch.float64)]))
+    d = v_sum.shape[0]
+    n = max(float(sums[d]), 1.0)
+    return (sums[:d] / n).to(Sigma.dtype), float(sums[d + 1]) / max(n_total, 1)
 
 
 def fit_loop(
@@ -267,6 +342,7 @@ def fit_loop(
     callback: Callable[[dict], None] | None = None,
     squared_grads: SquaredGrads | None = None,
     e_step: EStep | None = None,
+    comm: Comm | None = None,
 ) -> TrainResult:
     """Train ``module`` in place.
 
@@ -285,6 +361,13 @@ def fit_loop(
             posterior modes, then the mean θⁱ moves into θ̄
             (:meth:`~nme.personalize.PersonalizedModule.recentre`), and the M-step uses the
             E-step's exact loss at the modes and its posterior (for ``"laplace"``).
+        comm: this rank's collectives in a distributed fit (:mod:`nme.distributed`), None for
+            one process. ``persons``, ``item_loss``, ``squared_grads`` and ``e_step`` then see
+            this rank's persons only; θ̄ must start equal on every rank (``validate`` must
+            return values already reduced over the ranks). Every rank takes the same number
+            of steps per epoch (``config.batch_size`` is per rank; ranks out of items take
+            zero-loss steps), θ̄'s gradients are summed over the ranks, and the M-step, the
+            recentring and the stopping decisions use sums over all ranks.
 
     Returns:
         σ², Σ (diagonal, ``(dim,)``), the per-epoch history, the best epoch, the epochs run
@@ -315,16 +398,27 @@ def fit_loop(
     # Lazy Adam: only the rows present in a batch's sparse gradient are touched.
     sparse = RowAdam([module.persons.weight], lr=config.lr) if dim else None
 
+    bs = config.batch_size
+    n_total = n_items  # items on every rank
+    step_items: list[int] = []  # distributed: items of step k summed over the ranks
+    if comm is not None:
+        counts = comm.all_gather_ints(n_items)
+        n_total = sum(counts)
+        n_steps = max(-(-c // bs) for c in counts)
+        step_items = [sum(min(max(c - k * bs, 0), bs) for c in counts) for k in range(n_steps)]
+        check_injected_failure(comm, 0)
+
     gen = torch.Generator()
     if config.seed is not None:
-        gen.manual_seed(config.seed)
+        gen.manual_seed(config.seed + (comm.rank if comm is not None else 0))
     result = TrainResult(sigma2=sigma2, Sigma=Sigma)
     best_val = float("inf")
     best = BestEpoch(config.snapshot_max_bytes, config.snapshot_dir)
     stale = 0
     quiet = 0  # consecutive epochs whose monitored values changed by at most tol
     previous: tuple[float, ...] | None = None
-    epochs = tqdm(range(config.max_epochs), disable=not config.verbose, desc="epochs", unit="ep")
+    show = config.verbose and (comm is None or comm.rank == 0)
+    epochs = tqdm(range(config.max_epochs), disable=not show, desc="epochs", unit="ep")
     for epoch in epochs:
         t0 = time.perf_counter()
         module.train()
@@ -332,33 +426,40 @@ def fit_loop(
         scale = sigma2 if penalised else 1.0
         running, seen = 0.0, 0
         order = _epoch_order(persons, config.batching, gen).to(device)
-        for start in range(0, n_items, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            losses, rows = item_loss(idx)
-            loss = nme_batch_loss(losses, rows, n_obs_items[idx], scale, sigma_inv)
-            if dense is not None:
-                dense.zero_grad(set_to_none=True)
-            if sparse is not None:
-                sparse.zero_grad(set_to_none=True)
-            loss.backward()
-            if dense is not None:
-                dense.step()
-            if sparse is not None and module.persons.weight.grad is not None:
-                sparse.step()
-            running += float(losses.detach().sum())
-            seen += idx.shape[0]
+        if comm is None:
+            for start in range(0, n_items, bs):
+                idx = order[start : start + bs]
+                losses, rows = item_loss(idx)
+                loss = nme_batch_loss(losses, rows, n_obs_items[idx], scale, sigma_inv)
+                if dense is not None:
+                    dense.zero_grad(set_to_none=True)
+                if sparse is not None:
+                    sparse.zero_grad(set_to_none=True)
+                loss.backward()
+                if dense is not None:
+                    dense.step()
+                if sparse is not None and module.persons.weight.grad is not None:
+                    sparse.step()
+                running += float(losses.detach().sum())
+                seen += idx.shape[0]
+        else:
+            running, seen = _distributed_epoch(
+                module, comm, order, item_loss, n_obs_items, step_items, bs, scale,
+                sigma_inv, dense, sparse, generic)
 
         module.eval()
         estep: Posterior | None = None
         if penalised and e_step is not None and dim:
             estep = e_step(sigma2, Sigma)
-            module.recentre()
+            if comm is not None:
+                estep = _reduce_posterior(estep, comm)
+            module.recentre(None if comm is None else comm.mean_row(module.persons.weight))
         with torch.no_grad():
             record: dict = {"epoch": epoch + 1, "max_epochs": config.max_epochs}
             record["train_loss"] = running / max(seen, 1)
             if estep is not None:
                 # the E-step evaluated every item at the modes: the exact mean loss
-                record["train_loss"] = estep.loss_sum / max(n_items, 1)
+                record["train_loss"] = estep.loss_sum / max(n_total, 1)
             if penalised:
                 # σ² is the mean downstream loss over the training set (without an E-step
                 # pass: as the epoch visited it, each item once; an exact second pass would
@@ -367,16 +468,20 @@ def fit_loop(
                 mean = record["train_loss"]
                 posterior = None
                 if config.m_step == "laplace" and dim and estep is not None:
-                    posterior = (estep.mean_variance, estep.excess / max(n_items, 1))
+                    posterior = (estep.mean_variance, estep.excess / max(n_total, 1))
                 elif config.m_step == "laplace" and dim:
                     curvature = (
                         squared_grads() if squared_grads is not None
                         else empirical_fisher(module, persons, item_loss, config.eval_batch_size)
                     )
-                    posterior = laplace_posterior(curvature, sigma2, Sigma, n_items)
+                    if comm is None:
+                        posterior = laplace_posterior(curvature, sigma2, Sigma, n_items)
+                    else:
+                        posterior = _reduced_laplace(curvature, sigma2, Sigma, n_total, comm)
                 sigma2, Sigma = m_step(
                     mean, module.persons.weight, Sigma, config.anneal, posterior, fixed_sigma2,
                     fixed_point=estep is not None,
+                    spread=None if comm is None else comm.spread(module.persons.weight),
                 )
             record["sigma2"] = sigma2
             record["Sigma_mean"] = float(Sigma.mean()) if dim else 0.0
@@ -384,12 +489,14 @@ def fit_loop(
                 record.update(validate())
         record["seconds"] = time.perf_counter() - t0
         result.history.append(record)
-        if config.verbose:
+        if show:
             shown = ("train_loss", "val_loss", "val_metric")
             epochs.set_postfix({k: f"{record[k]:.4g}" for k in shown if k in record})
         if callback is not None:
             callback(record)
         result.n_iter = epoch + 1
+        if comm is not None:
+            check_injected_failure(comm, epoch + 1)
 
         current = (record["train_loss"], record["sigma2"], record["Sigma_mean"])
         if previous is not None and config.tol is not None and all(
@@ -401,6 +508,12 @@ def fit_loop(
             quiet = 0
         previous = current
         converged = config.tol is not None and quiet >= config.n_iter_no_change
+        improved = validate is not None and record["val_loss"] < best_val
+        if comm is not None:
+            # every rank computed the same reduced values; rank 0's decision is taken anyway,
+            # so a last-bit difference can never split the ranks
+            decision = comm.agree(int(converged) | (int(improved) << 1))
+            converged, improved = bool(decision & 1), bool(decision & 2)
 
         if validate is None:
             result.best_epoch = epoch + 1
@@ -408,7 +521,7 @@ def fit_loop(
                 result.stop_reason = "converged"
                 break
             continue
-        if record["val_loss"] < best_val:
+        if improved:
             best_val = record["val_loss"]
             best.save(module, sigma2, Sigma)
             result.best_epoch = epoch + 1
@@ -430,6 +543,10 @@ def fit_loop(
         # Not used by these variants' loss, but reported so they can be compared with NME.
         with torch.no_grad():
             mean = _mean_loss(item_loss, n_items, config.eval_batch_size, device)
-            sigma2, Sigma = m_step(mean, module.persons.weight, Sigma, None)
+            spread = None
+            if comm is not None:
+                mean = comm.sum_floats(mean * n_items)[0] / max(n_total, 1)
+                spread = comm.spread(module.persons.weight)
+            sigma2, Sigma = m_step(mean, module.persons.weight, Sigma, None, spread=spread)
     result.sigma2, result.Sigma = sigma2, Sigma
     return result

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
-from nme.base import _NMEEstimator
+from nme.base import _NMEEstimator, resolve_device
 from nme.cli.inputs import (
     CLI_FILE,
     CLI_VERSION,
@@ -43,6 +46,7 @@ from nme.cli.inputs import (
 )
 from nme.cli.tasks import TASKS, Items, Task
 from nme.data import temporal_split
+from nme.distributed import RankFailed, current_comm, launch, launched_by_torchrun, shard_mask
 from nme.personalize import METHODS
 
 
@@ -112,19 +116,71 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             f"(default: {d['patience']})")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     train.add_argument("--seed", type=int, default=0, help="random state (default: 0)")
+    train.add_argument("--nproc", type=positive(int), default=1,
+                       help="train with this many local processes (torch.distributed: persons "
+                            "sharded across them, gloo on CPU, NCCL on CUDA); for several "
+                            "machines start `nme fit` with torchrun instead, see "
+                            "docs/distributed.md (default: 1)")
     train.add_argument("--verbose", action="store_true", help="show a progress bar")
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.set_defaults(run=run_fit)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    """Fit on ``--data`` and save the artifact plus ``cli.json`` to ``--out``."""
+    """Fit on ``--data`` and save the artifact plus ``cli.json`` to ``--out``.
+
+    ``--nproc N`` (N > 1) starts N ranks through torch's elastic launcher and returns once
+    they finished; a failed rank fails the run (status 1, naming the rank). Inside a process
+    started by ``torchrun`` this process is one rank of the fit (see :func:`_fit_and_save`).
+    """
+    if args.nproc > 1:
+        if launched_by_torchrun():
+            raise CLIError("--nproc starts its own processes; under torchrun every rank is "
+                           "already one process (leave --nproc at 1)")
+        check_output_dir(args.out)
+        check_device(args.device)
+        try:
+            summaries = launch(_fit_rank, (args,), args.nproc)
+        except RankFailed as err:
+            print(f"nme: error: distributed fit over {args.nproc} processes: {err}",
+                  file=sys.stderr)
+            return EXIT_RANK_FAILED
+        except SignalException as sig:  # the launcher stopped the ranks before re-raising
+            print(f"nme: fit stopped by {signal.Signals(sig.sigval).name}; its "
+                  f"{args.nproc} processes were stopped", file=sys.stderr)
+            return 128 + int(sig.sigval)
+        print(summaries[0], end="")
+        return 0
+    summary = _fit_and_save(args)
+    if summary:
+        print(summary, end="")
+    return 0
+
+
+EXIT_RANK_FAILED = 1
+"""``nme fit --nproc N``'s exit status when a rank failed."""
+
+
+def _fit_rank(args: argparse.Namespace) -> str:
+    """One rank of ``nme fit --nproc N`` (started by :func:`nme.distributed.launch`)."""
+    return _fit_and_save(args)
+
+
+def _fit_and_save(args: argparse.Namespace) -> str:
+    """Read, check, fit and (on rank 0, or without ranks) save; returns the summary to print.
+
+    In a distributed fit every rank reads the whole CSV and runs every check on it (so they
+    all agree on the features and fail alike on bad input), then keeps the rows of its own
+    persons (:func:`nme.distributed.shard_mask`) before the validation split; only rank 0
+    writes ``--out`` and returns the summary (the others return "").
+    """
     task = TASKS[args.task]
     _fill_task_defaults(args, task)
     path: Path = args.data
     out: Path = args.out
     check_output_dir(out)
     device = check_device(args.device)
+    comm = current_comm(resolve_device(device))
     key_cols = task.key_columns(args)
     df = read_csv(path, args.person_col)
     require_columns(df, key_cols, path)
@@ -134,13 +190,21 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.time_col:
         # the validation split then holds out each person's latest rows or sequences
         df = time_order(df, args.time_col, path)
-    train, val = _split(task.items(df, features, args, path), args.val_fraction)
-    if not len(train):
+    items = task.items(df, features, args, path)
+    if comm is not None:
+        items = items.take(shard_mask(items.persons, comm))
+    train, val = _split(items, args.val_fraction)
+    n_train, n_val = len(train), len(val)
+    if comm is not None:
+        n_train, n_val = (int(v) for v in comm.sum_floats(n_train, n_val))
+    if not n_train:
         raise CLIError(f"no training {task.item} left after the validation split; "
                        "lower --val-fraction")
     val = task.drop_unseen(train, val, args.target)
     est = task.estimator(_estimator_options(args, device), args)
     task.fit(est, train, val)
+    if comm is not None and comm.rank != 0:
+        return ""
     est.save(out)
     meta = {
         "cli_version": CLI_VERSION,
@@ -152,8 +216,7 @@ def run_fit(args: argparse.Namespace) -> int:
         **task.meta(args),
     }
     (out / CLI_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    _print_summary(task, est, len(train), len(val), out)
-    return 0
+    return _summary(task, est, n_train, n_val, out, 1 if comm is None else comm.world_size)
 
 
 def _fill_task_defaults(args: argparse.Namespace, task: Task) -> None:
@@ -192,16 +255,20 @@ def _split(items: Items, val_fraction: float) -> tuple[Items, Items]:
     return items.take(part == 0), items.take(part == 1)
 
 
-def _print_summary(task: Task, est: _NMEEstimator, n_train: int, n_val: int, out: Path) -> None:
+def _summary(task: Task, est: _NMEEstimator, n_train: int, n_val: int, out: Path,
+             world_size: int) -> str:
+    """What ``nme fit`` prints when it is done (the world size of a distributed fit too)."""
     history, best = est.history_, est.best_epoch_
     record = history[best - 1] if 0 < best <= len(history) else {}
     metric = record.get("val_metric")
     shown = f"{metric:.4g}" if metric is not None else f"n/a (no validation {task.item})"
-    print(f"persons:         {len(est.person_ids_)}")
-    print(f"{task.item + ':':<17}{n_train} train, {n_val} validation")
-    for line in task.summary_lines(est):
-        print(line)
-    print(f"epochs:          {len(history)} (best {best})")
-    print(f"validation {task.metric}: {shown}{task.metric_note}")
-    print(f"sigma2:          {est.sigma2_:.4g} ({task.sigma2_note})")
-    print(f"model:           {out}")
+    lines = [f"persons:         {len(est.person_ids_)}",
+             f"{task.item + ':':<17}{n_train} train, {n_val} validation"]
+    lines += task.summary_lines(est)
+    if world_size > 1:
+        lines.append(f"world size:      {world_size} (persons sharded across processes)")
+    lines += [f"epochs:          {len(history)} (best {best})",
+              f"validation {task.metric}: {shown}{task.metric_note}",
+              f"sigma2:          {est.sigma2_:.4g} ({task.sigma2_note})",
+              f"model:           {out}"]
+    return "".join(line + "\n" for line in lines)
