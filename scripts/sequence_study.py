@@ -3,7 +3,8 @@
     .venv/bin/python scripts/sequence_study.py run --seeds 0,1,2 --out var/study/now
     .venv/bin/python scripts/sequence_study.py run --out var/study/before \
         --hessian-max-dim 0 --set "sigma2='mean_loss'"
-    .venv/bin/python scripts/sequence_study.py summary var/study/now --before var/study/before
+    .venv/bin/python scripts/sequence_study.py summary var/study/now --before var/study/before \
+        [--baselines var/study/base]
 
 ``run`` evaluates :func:`nme.simulate.simulate_sequences` (60 persons × 10 sequences × 20
 segments, as ``scripts/results.py``) with the protocol of :func:`nme.evaluation.
@@ -68,7 +69,7 @@ def _load(folder: Path, baselines: Path | None = None) -> list[dict]:
     seeds = []
     for path in sorted(folder.glob("seed*.json")):
         res = json.loads(path.read_text())
-        if baselines is not None:
+        if baselines is not None and (baselines / path.name).exists():
             other = json.loads((baselines / path.name).read_text())
             res["runs"] = {**other["runs"], **res["runs"]}
         seeds.append(res)
@@ -126,7 +127,7 @@ def summary(args: argparse.Namespace) -> None:
     for label, folder in (("before", args.before), ("now", args.folder)):
         if folder is None:
             continue
-        seeds = _load(folder, args.before if folder is args.folder else None)
+        seeds = _load(folder, args.baselines)
         print(f"\n## {label}: {folder} ({len(seeds)} seeds)\n")
         print("| Method | " + " | ".join(f"{p}: Acc. | {p}: α" for p in PLACEMENTS) + " |")
         print("|---|" + "---:|" * (2 * len(PLACEMENTS)))
@@ -142,7 +143,7 @@ def summary(args: argparse.Namespace) -> None:
                         a, b = ref.align(value, join="inner")
                         boot = paired_bootstrap(a.to_numpy(), b.to_numpy(), args.bootstrap)
                         mark = ("†" if boot.low > 0 else "‡" if boot.high < 0 else "")
-                        mark += f" ({boot.mean:+.3f} [{boot.low:+.3f}, {boot.high:+.3f}])"
+                        mark += f" ({boot.diff:+.3f} [{boot.low:+.3f}, {boot.high:+.3f}])"
                     cells.append(f"{value.mean():.3f}{mark}")
             print(f"| {method} | " + " | ".join(cells) + " |")
         print("\n† baseline significantly worse than NME in the column, ‡ better; NME "
@@ -176,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="NMESequenceTagger.HESSIAN_MAX_DIM (0: no exact E-step, as before it)")
     s = sub.add_parser("summary")
     s.add_argument("folder", type=Path)
-    s.add_argument("--before", type=Path)
+    s.add_argument("--before", type=Path, help="results of the same seeds before a change")
+    s.add_argument("--baselines", type=Path,
+                   help="results with the runs missing from the folders (same seeds)")
     s.add_argument("--bootstrap", type=int, default=10_000)
     s.add_argument("--min-diff", type=float, default=0.095)
     args = parser.parse_args(argv)
