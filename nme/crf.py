@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "label_chain",
     "log_likelihood",
     "log_partition",
     "marginals",
@@ -603,3 +604,39 @@ def transition_count_moments(pairwise: Tensor) -> tuple[Tensor, Tensor]:
     cross = cross.reshape(batch, states * states, states * states)
     cov = torch.diag_embed(mean) + cross + cross.mT - mean.unsqueeze(-1) * mean.unsqueeze(-2)
     return mean, cov
+
+
+def label_chain(transitions: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """The Markov chain of the labels that transition scores alone define.
+
+    Without emissions a linear-chain CRF is p(y) ∝ exp Σₜ T(y_{t-1}, y_t); away from the
+    sequence ends this is the Markov chain
+
+        P(i, j) = exp T(i, j) · v(j) / (λ v(i)),
+
+    v the Perron (right) eigenvector of exp T and λ its eigenvalue. This, not a row-softmax of
+    T, is the transition matrix T implies: a CRF's transition scores are not log-probabilities
+    (a score added to a whole row changes how often the row's state is *entered*, which the
+    softmax ignores). The two agree only when v is constant.
+
+    Args:
+        transitions: ``(S, S)`` or ``(batch, S, S)`` scores.
+        allowed: ``(S, S)`` bool or None; forbidden transitions get probability 0.
+
+    Returns:
+        ``(S, S)`` or ``(batch, S, S)`` float64 row-stochastic matrices.
+    """
+    scores = transitions.detach().double()
+    many = scores.dim() == 3
+    scores = scores if many else scores.unsqueeze(0)  # (batch, S, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.exp(scores - scores.amax(dim=(-2, -1), keepdim=True))  # (batch, S, S)
+    values, vectors = torch.linalg.eig(weights)  # (batch, S), (batch, S, S) complex
+    # the Perron root is real and has the largest real part (irreducible non-negative matrix)
+    top = values.real.argmax(dim=-1)  # (batch,)
+    v = vectors.real.gather(-1, top[:, None, None].expand(-1, weights.shape[-1], 1))
+    v = v.squeeze(-1).abs().clamp_min(torch.finfo(torch.float64).tiny)  # (batch, S)
+    probs = weights * v.unsqueeze(-2)  # exp T(i, j) v(j)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return probs if many else probs[0]

@@ -652,28 +652,41 @@ class NMESequenceTagger(_NMEEstimator):
         return transitions.expand(1, -1, -1)[0].cpu().numpy().astype(np.float64)
 
     def transition_matrices(
-        self, person: Hashable | Sequence[Hashable] | np.ndarray | None = None
+        self,
+        person: Hashable | Sequence[Hashable] | np.ndarray | None = None,
+        reading: str = "chain",
     ) -> np.ndarray:
-        """Row-normalised transition probabilities softmax(T̄ + Tⁱ) for interpretation.
+        """Transition probabilities of T̄ + Tⁱ for interpretation.
 
         Forbidden transitions get probability 0. Unknown persons (and None) get T̄.
 
         Args:
             person: one person id -> ``(S, S)``; a list/array of ids -> ``(n, S, S)``.
+            reading: ``"chain"`` (default): the Markov chain of labels the transition scores
+                define, exp T(i, j) v(j) / (λ v(i)) with v the Perron eigenvector of exp T
+                (:func:`nme.crf.label_chain`); ``"softmax"``: the row-softmax of T̄ + Tⁱ
+                (the reading before; a CRF's scores are not log-probabilities, and on
+                ``simulate_sequences`` it shows about a quarter of the true group difference,
+                the chain all of it — ``docs/decisions.md``).
 
         Returns:
             Rows = from-state, columns = to-state, in the order of ``states_``; rows sum to 1.
         """
         self._check_fitted()
+        if reading not in ("chain", "softmax"):
+            raise ValueError(f"reading must be 'chain' or 'softmax', got {reading!r}")
         many = isinstance(person, (list, np.ndarray))
         ids = as_id_list(person) if many else [person]
         with torch.no_grad():
             rows = self._rows(None if person is None else ids, len(ids))
             transitions, _, _ = self._crf_scores(rows)
             transitions = transitions.expand(len(ids), -1, -1)  # (n, S, S)
-            if self.allowed_ is not None:
-                transitions = transitions.masked_fill(~self.allowed_, float("-inf"))
-            probs = torch.softmax(transitions.double(), dim=-1).cpu().numpy()
+            if reading == "chain":
+                probs = crf.label_chain(transitions, self.allowed_).cpu().numpy()
+            else:
+                if self.allowed_ is not None:
+                    transitions = transitions.masked_fill(~self.allowed_, float("-inf"))
+                probs = torch.softmax(transitions.double(), dim=-1).cpu().numpy()
         return probs if many else probs[0]
 
     # ----------------------------------------------------------------- per-person E-step

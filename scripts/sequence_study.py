@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,81 @@ def run(args: argparse.Namespace) -> None:
                         "matrices": truth[TRANSITION_COLUMNS].to_numpy().tolist()}
         (args.out / f"seed{seed}.json").write_text(json.dumps(out))
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def refit(args: argparse.Namespace) -> None:
+    """Refit each seed's chosen NME grid point of ``args.folder`` for the T placements and
+    write its per-person transition matrices in both readings (chain and softmax) next to
+    it, as ``recovery{seed}.json`` (the protocol is deterministic: the same split and seed)."""
+    from nme import evaluation
+
+    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    for path in sorted(args.folder.glob("seed*.json")):
+        res = json.loads(path.read_text())
+        seed = int(res["config"]["seed"])
+        df, truth = simulate_sequences(n_persons=args.persons, n_sequences=10, length=20,
+                                       seed=seed)
+        df = df.merge(truth[["group"]], left_on="person", right_index=True)
+        out: dict = {"truth": res.get("truth") or {
+            "persons": truth.index.tolist(), "group": truth["group"].tolist(),
+            "matrices": truth[TRANSITION_COLUMNS].to_numpy().tolist()}, "runs": {}}
+        for placement in args.placements.split(","):
+            key = f"nme/{placement}"
+            params = dict(res["runs"][key]["params"])
+            params["hidden"] = tuple(params["hidden"])
+            evaluation.GRIDS["chosen"] = [params]
+            config = EvalConfig(task="sequence", grid="chosen", n_bootstrap=100, seed=seed,
+                                max_epochs=args.max_epochs, patience=10, progress=False,
+                                methods=("nme",), placements=(placement,),
+                                estimator_params=extra)
+            captured: dict = {}
+            original = evaluation._person_transitions
+
+            def capture(chosen: dict, captured: dict = captured,
+                        original: Any = original) -> dict:
+                for k, est in chosen.items():
+                    ids = list(est.person_ids_)
+                    captured[k] = {
+                        "states": [str(s) for s in est.states_], "persons": ids,
+                        "chain": est.transition_matrices(ids).tolist(),
+                        "softmax": est.transition_matrices(ids, reading="softmax").tolist(),
+                        "Sigma_T": float(est.Sigma_["transitions"].mean()),
+                    }
+                return original(chosen)
+
+            evaluation._person_transitions = capture
+            try:
+                result = evaluate_sequence_frame(
+                    df, "person", "sequence_id", "label",
+                    [c for c in df.columns if c.startswith("f")], "position", "group",
+                    config, name=f"refit-{seed}")
+            finally:
+                evaluation._person_transitions = original
+            run = captured[key]
+            run["summary"] = result.runs[key].summary
+            out["runs"][key] = run
+        (args.folder / f"recovery{seed}.json").write_text(json.dumps(out))
+        print(f"refit seed {seed} done", file=sys.stderr, flush=True)
+
+
+def recovery_summary(folder: Path, min_diff: float) -> None:
+    """Print the recovery of the refits of :func:`refit`, pooled over seeds, per reading."""
+    files = sorted(folder.glob("recovery*.json"))
+    if not files:
+        return
+    loaded = [json.loads(p.read_text()) for p in files]
+    for key in loaded[0]["runs"]:
+        for reading in ("softmax", "chain"):
+            seeds = [{"truth": r["truth"], "extras": {"person_transitions": {key: {
+                "states": r["runs"][key]["states"], "persons": r["runs"][key]["persons"],
+                "matrices": r["runs"][key][reading]}}}} for r in loaded]
+            rec = _recovery(seeds, key, min_diff)
+            assert rec is not None
+            sig = np.mean([r["runs"][key]["Sigma_T"] for r in loaded])
+            acc = np.mean([r["runs"][key]["summary"]["accuracy"]["mean"] for r in loaded])
+            print(f"refit {key} {reading} ({len(loaded)} seeds, Σ_T {sig:.3f}, acc {acc:.3f}): "
+                  + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in rec.items()))
 
 
 def _load(folder: Path, baselines: Path | None = None) -> list[dict]:
@@ -148,6 +224,7 @@ def summary(args: argparse.Namespace) -> None:
             print(f"| {method} | " + " | ".join(cells) + " |")
         print("\n† baseline significantly worse than NME in the column, ‡ better; NME "
               "advantage and 95 % interval of the pooled paired person bootstrap.\n")
+        recovery_summary(folder, args.min_diff)
         for p in PLACEMENTS:
             rec = _recovery(seeds, f"nme/{p}", args.min_diff)
             if rec is not None:
@@ -175,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--methods", help="comma-separated subset of generic,specific,unme,nme")
     r.add_argument("--hessian-max-dim", type=int,
                    help="NMESequenceTagger.HESSIAN_MAX_DIM (0: no exact E-step, as before it)")
+    f = sub.add_parser("refit")
+    f.add_argument("folder", type=Path)
+    f.add_argument("--placements", default="T,last+T")
+    f.add_argument("--persons", type=int, default=60)
+    f.add_argument("--max-epochs", type=int, default=100)
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--hessian-max-dim", type=int)
+    f.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     s = sub.add_parser("summary")
     s.add_argument("folder", type=Path)
     s.add_argument("--before", type=Path, help="results of the same seeds before a change")
@@ -183,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--bootstrap", type=int, default=10_000)
     s.add_argument("--min-diff", type=float, default=0.095)
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "refit"):
         torch.set_num_threads(args.threads)
         if args.hessian_max_dim is not None:
             from nme.sequence import NMESequenceTagger
 
             NMESequenceTagger.HESSIAN_MAX_DIM = args.hessian_max_dim
-        run(args)
+        run(args) if args.command == "run" else refit(args)
     else:
         summary(args)
     return 0

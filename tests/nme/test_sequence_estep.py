@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nme import NMESequenceTagger
+from nme import NMESequenceTagger, crf
 from nme.base import _Items
 from nme.simulate import SEQUENCE_STATES, TRANSITION_COLUMNS, simulate_sequences
 
@@ -183,3 +183,25 @@ def test_person_transitions_correlate_with_the_simulated_ones(recovered) -> None
     # measured 0.688 (simulation seed 1: 0.652); σ² = mean loss: 0.18 with the exact E-step,
     # 0.60 without it (but a spread of 0.019 against the true 0.122)
     assert r > 0.55, r
+
+
+def test_label_chain_is_the_crf_label_distribution_away_from_the_ends() -> None:
+    """p(y) ∝ exp Σₜ T(y_{t-1}, y_t), enumerated over 3¹¹ paths: in the middle of the
+    sequence p(y₆ = j | y₅ = i) is the chain's P(i, j) (the ends' influence decays
+    geometrically), and a forbidden transition has probability 0."""
+    gen = torch.Generator().manual_seed(2)
+    trans = 0.7 * torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    allowed = torch.ones(3, 3, dtype=torch.bool)
+    allowed[0, 2] = False
+    n = 11
+    paths = torch.tensor(list(itertools.product(range(3), repeat=n)))  # (3¹¹, n)
+    masked = trans.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(masked[paths[:, :-1], paths[:, 1:]].sum(-1), 0)  # (3¹¹,)
+    pair = torch.zeros(3, 3, dtype=torch.float64).index_put_(
+        (paths[:, 5], paths[:, 6]), p, accumulate=True)
+    brute = pair / pair.sum(-1, keepdim=True)
+    chain = crf.label_chain(trans, allowed)
+    np.testing.assert_allclose(chain.numpy(), brute.numpy(), atol=2e-3)
+    assert float(chain[0, 2]) == 0.0
+    batched = crf.label_chain(torch.stack([trans, trans.T]), allowed)
+    np.testing.assert_allclose(batched[0].numpy(), chain.numpy())
