@@ -341,10 +341,18 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         entering the output linearly): one Newton step is then the exact E-step."""
         return False
 
-    _newton_e_step: ClassVar[bool] = True
-    """Whether the final E-step sets θⁱ to their posterior modes by batched Newton steps
-    (:mod:`nme.estep`); otherwise θⁱ stay as the epochs left them and only their posterior
-    variance is computed."""
+    def _newton_e_step(self) -> bool:
+        """Whether the final E-step sets θⁱ to their posterior modes by batched Newton steps
+        (:mod:`nme.estep`); otherwise θⁱ stay as the epochs left them and only their posterior
+        variance is computed. Needs the fitted network (the tagger decides by θⁱ's length)."""
+        return True
+
+    def _epoch_newton(self) -> bool:
+        """Whether every epoch ends with the Newton E-step (θⁱ ← posterior modes) before the
+        M-step, not only the fit. Where the E-step is one exact step (squared error with θⁱ
+        entering the output linearly); a subclass with a cheap exact curvature (the tagger's
+        transition Hessian) extends it."""
+        return self._constant_curvature()
 
     _effects_covariance: torch.Tensor | None = None
     _comm: Comm | None = None
@@ -362,6 +370,10 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
     NEWTON_STEPS: ClassVar[int] = 8
     """Newton steps at most of an E-step whose curvature depends on θⁱ (the steps stop
     earlier once every person's Newton decrement is negligible)."""
+
+    NEWTON_TOL: ClassVar[float] = 1e-10
+    """Newton steps stop once every person's decrement is below this fraction of 1 + Jᵢ (see
+    :func:`nme.estep.posterior_modes`)."""
 
     NEWTON_STEPS_DIAGONAL: ClassVar[int] = 0
     """The same with a diagonal precision (d > :data:`nme.estep.FULL_MAX_DIM`, e.g.
@@ -503,8 +515,8 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         # every epoch only where the E-step is one exact step (squared error on a linear
         # placement): elsewhere several Newton passes per epoch would cost far more than the
         # epoch's Adam steps (measured: nme/all on mood 135 s instead of 3 s per fit)
-        newton = (self.method == "nme" and self._newton_e_step and self.e_step == "newton"
-                  and self.module_.effect_dim > 0 and self._constant_curvature())
+        newton = (self.method == "nme" and self._newton_e_step() and self.e_step == "newton"
+                  and self.module_.effect_dim > 0 and self._epoch_newton())
         n_items = len(items.ids) if comm is None else int(comm.sum_floats(len(items.ids))[0])
         config = self._train_config(n_items)
         if comm is not None:
@@ -640,7 +652,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
                 # the table's rows are overwritten in place, chunk by chunk: no copy of it
                 return posterior_modes(
                     module.persons.weight.data, groups, item_losses, item_curvature,
-                    sigma2, 1.0 / Sigma, max_iter=max_iter, full=full,
+                    sigma2, 1.0 / Sigma, max_iter=max_iter, full=full, tol=self.NEWTON_TOL,
                     constant_curvature=constant, keep_variance=keep_variance,
                     keep_covariance=keep_covariance,
                 )
@@ -651,7 +663,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
 
     def _final_e_step(self, items: _Items, persons: torch.Tensor) -> None:
         """Once θ̄, σ² and Σ are fitted: θⁱ ← posterior modes (``nme`` with
-        :attr:`_newton_e_step`), and every person's diagonal posterior variance.
+        :meth:`_newton_e_step`), and every person's diagonal posterior variance.
 
         Under ``unme``/``specific`` (no prior in their objective) and for estimators without a
         Newton E-step the rows stay as trained; their variance is the Laplace one around them
@@ -664,7 +676,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
             self._effects_variance = torch.zeros(n_persons, dim, device=self.device_)
             return
         run = self._e_step(items, persons)
-        final_newton = self.method == "nme" and self._newton_e_step and self.e_step != "sgd"
+        final_newton = self.method == "nme" and self._newton_e_step() and self.e_step != "sgd"
         total = getattr(self, "_n_persons_total", n_persons)  # every rank's persons
         keep_covariance = (dim <= FULL_MAX_DIM
                            and total * dim * dim <= self.COVARIANCE_MAX_FLOATS)
@@ -863,7 +875,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
         persons = torch.zeros(items.x.shape[0], dtype=torch.long, device=self.device_)
         module = self.module_
         module.eval()
-        newton = self.method == "nme" and self._newton_e_step
+        newton = self.method == "nme" and self._newton_e_step()
         full = dim <= FULL_MAX_DIM
         groups = group_persons(persons, 1, dim, full)
 
@@ -878,7 +890,7 @@ class _NMEEstimator(BaseEstimator, abc.ABC):
             constant = self._constant_curvature()
             post = posterior_modes(
                 start.detach().clone()[None], groups, item_losses, item_curvature, self.sigma2_,
-                sigma_inv, max_iter=1 if constant else max_iter, full=full,
+                sigma_inv, max_iter=1 if constant else max_iter, full=full, tol=self.NEWTON_TOL,
                 constant_curvature=constant,
             )
             theta_t = post.modes[0]

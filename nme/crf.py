@@ -26,10 +26,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "label_chain",
     "log_likelihood",
     "log_partition",
     "marginals",
+    "pairwise_marginals",
     "path_score",
+    "transition_count_moments",
     "viterbi_decode",
 ]
 
@@ -524,3 +527,116 @@ def marginals(
     if pad:
         probs = torch.nn.functional.pad(probs, (0, 0, 0, pad))
     return probs
+
+
+def pairwise_marginals(
+    emissions: Tensor,
+    mask: Tensor,
+    transitions: Tensor,
+    start: Tensor | None = None,
+    end: Tensor | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """Posterior probability of each transition at each step (forward-backward).
+
+    Args: as :func:`marginals`.
+
+    Returns:
+        ``(batch, length - 1, states, states)``: entry ``[b, t - 1, i, j]`` is
+        p(y_{t-1} = i, y_t = j | x) of sequence b; each real step sums to 1, steps past a
+        sequence's end are 0.
+    """
+    c = _check_inputs(emissions, mask, transitions, start, end, allowed)
+    batch, length, states = c.emissions.shape
+    out_steps = mask.size(1) - 1
+    if length < 2:
+        return emissions.new_zeros(batch, max(out_steps, 0), states, states)
+    alphas = _forward_scores(c)
+    betas = _backward_scores(c)
+    log_z = _log_partition(c, alphas)  # (batch,) float64
+    # the large parts cancel in float64; only O(1) numbers meet in the emissions' dtype
+    offset = (alphas.offsets[:, :-1] + betas.offsets[:, 1:]
+              - log_z.unsqueeze(1)).to(emissions.dtype)  # (batch, length - 1)
+    trans = c.transitions if c.transitions.dim() == 3 else c.transitions.unsqueeze(0)
+    ahead = c.emissions[:, 1:] + betas.normalised[:, 1:]  # (batch, length - 1, states)
+    scores = (alphas.normalised[:, :-1].unsqueeze(-1) + trans.unsqueeze(1)
+              + ahead.unsqueeze(-2) + offset[..., None, None])  # (batch, length - 1, S, S)
+    probs = torch.exp(scores).masked_fill(~c.mask[:, 1:, None, None], 0.0)
+    pad = out_steps - probs.size(1)
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, 0, 0, 0, 0, pad))
+    return probs
+
+
+def transition_count_moments(pairwise: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of the transition counts nᵢⱼ = Σₜ [y_{t-1} = i, y_t = j] under a
+    linear-chain CRF, from its pairwise marginals.
+
+    These are the gradient and Hessian of log Z w.r.t. the transition scores (a CRF is an
+    exponential family with the counts as sufficient statistics), so the NLL's Hessian in T
+    is this covariance. The posterior over paths is a Markov chain with step matrices
+    Mₜ(i, j) = Pₜ(i, j) / qₜ₋₁(i), so for s < t
+    E[zₛ zₜᵀ](ab, cd) = Pₛ(a, b) (Mₛ₊₁ ⋯ Mₜ₋₁)(b, c) Mₜ(c, d); the sum over all s < t is
+    accumulated in one pass over t (zₜ the one-hot pair of step t).
+
+    Args:
+        pairwise: ``(batch, steps, S, S)`` from :func:`pairwise_marginals` (0 past the end).
+
+    Returns:
+        ``(mean (batch, S²), covariance (batch, S², S²))``, pairs flattened row-major (i, j).
+    """
+    batch, steps, states, _ = pairwise.shape
+    flat = pairwise.reshape(batch, steps, states * states)  # (batch, steps, S²)
+    mean = flat.sum(1)  # (batch, S²)
+    source = pairwise.sum(-1, keepdim=True)  # (batch, steps, S, 1) q of the step's source
+    # rows of unreachable source states are never weighted: any finite value will do
+    chain = pairwise / source.clamp_min(torch.finfo(pairwise.dtype).tiny)  # (batch, steps, S, S)
+    eye = torch.eye(states, dtype=pairwise.dtype, device=pairwise.device)
+    # U[a, b, c] = Σ_{s < t} Pₛ(a, b) P(y_{t-1} = c | yₛ = b): mass of earlier pairs reaching c
+    reach = [pairwise.new_zeros(batch, states * states, states)]  # Uₜ (batch, ab, c)
+    for t in range(steps - 1):
+        # pair t reaches its own target; earlier pairs move one step along the chain
+        own = (pairwise[:, t].unsqueeze(-1) * eye).reshape(batch, -1, states)
+        reach.append(torch.bmm(reach[-1], chain[:, t]) + own)
+    # Σₜ Uₜ(ab, c) Mₜ(c, d) lands in (ab, cd), summed over every step at once
+    left = torch.stack(reach, dim=2)  # (batch, ab, steps, c)
+    cross = (left.unsqueeze(-1) * chain.unsqueeze(1)).sum(2)  # (batch, ab, c, d)
+    cross = cross.reshape(batch, states * states, states * states)
+    cov = torch.diag_embed(mean) + cross + cross.mT - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    return mean, cov
+
+
+def label_chain(transitions: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """The Markov chain of the labels that transition scores alone define.
+
+    Without emissions a linear-chain CRF is p(y) ∝ exp Σₜ T(y_{t-1}, y_t); away from the
+    sequence ends this is the Markov chain
+
+        P(i, j) = exp T(i, j) · v(j) / (λ v(i)),
+
+    v the Perron (right) eigenvector of exp T and λ its eigenvalue. This, not a row-softmax of
+    T, is the transition matrix T implies: a CRF's transition scores are not log-probabilities
+    (a score added to a whole row changes how often the row's state is *entered*, which the
+    softmax ignores). The two agree only when v is constant.
+
+    Args:
+        transitions: ``(S, S)`` or ``(batch, S, S)`` scores.
+        allowed: ``(S, S)`` bool or None; forbidden transitions get probability 0.
+
+    Returns:
+        ``(S, S)`` or ``(batch, S, S)`` float64 row-stochastic matrices.
+    """
+    scores = transitions.detach().double()
+    many = scores.dim() == 3
+    scores = scores if many else scores.unsqueeze(0)  # (batch, S, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.exp(scores - scores.amax(dim=(-2, -1), keepdim=True))  # (batch, S, S)
+    values, vectors = torch.linalg.eig(weights)  # (batch, S), (batch, S, S) complex
+    # the Perron root is real and has the largest real part (irreducible non-negative matrix)
+    top = values.real.argmax(dim=-1)  # (batch,)
+    v = vectors.real.gather(-1, top[:, None, None].expand(-1, weights.shape[-1], 1))
+    v = v.squeeze(-1).abs().clamp_min(torch.finfo(torch.float64).tiny)  # (batch, S)
+    probs = weights * v.unsqueeze(-2)  # exp T(i, j) v(j)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return probs if many else probs[0]

@@ -702,7 +702,22 @@ def evaluate_sequence_frame(
     if group_col is not None:
         result.extras["transitions"] = _group_transitions(
             data, group_col, chosen, runs, config)
+    result.extras["person_transitions"] = _person_transitions(chosen)
     return result
+
+
+def _person_transitions(chosen: dict[str, Any]) -> dict[str, Any]:
+    """Every chosen tagger's per-person transition matrices softmax(T̄ + Tⁱ), for the runs
+    whose placement personalises T: ``{run: {"states", "persons", "matrices" (n, S, S)}}``
+    (what a comparison with the simulation's true matrices needs)."""
+    out: dict[str, Any] = {}
+    for key, est in chosen.items():
+        if "transitions" not in est.effects_layout_.names:
+            continue
+        persons = list(est.person_ids_)
+        out[key] = {"states": [str(s) for s in est.states_], "persons": persons,
+                    "matrices": est.transition_matrices(persons).round(5).tolist()}
+    return out
 
 
 def _group_transitions(data: pd.DataFrame, group_col: str, chosen: dict[str, Any],

@@ -29,6 +29,9 @@ sequence counted for 1/20 of an observation against the prior.
 ``"nll"``: σ² fixed at ``NLL_SIGMA2`` = ½, for losses that are a negative log-likelihood
 (cross-entropy, CRF NLL): Eq. 1 is then exactly twice the negative log posterior
 2 Σ l + θᵀΣ⁻¹θ of the generalised mixed model, so the data keep their likelihood weight.
+The tagger's default (issue 13): with the mean loss the tempered likelihood makes the
+persons' differences look like noise, and the marginal-likelihood Σ of Tⁱ is 0
+(``docs/decisions.md``).
 """
 
 NLL_SIGMA2 = 0.5

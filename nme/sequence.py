@@ -171,8 +171,8 @@ class NMESequenceTagger(_NMEEstimator):
         anneal: Σ annealing α (see :mod:`nme.base`), or None.
         m_step: ``"laplace"`` (default) or ``"paper"``, see below and
             :func:`nme.objective.laplace_posterior`.
-        sigma2: ``"mean_loss"`` (default, the paper) or ``"nll"``, see below and
-            :data:`nme.objective.SIGMA2_RULES`.
+        sigma2: ``"nll"`` (default: σ² = ½, the CRF NLL is a log-likelihood) or
+            ``"mean_loss"`` (the paper's), see below and :data:`nme.objective.SIGMA2_RULES`.
         learn_start_end: learn (generic) start and end scores instead of uniform ones.
         allowed: forbidden transitions: an ``(S, S)`` bool matrix in the order of ``states_``
             (False = forbidden) or a list of forbidden ``(from_state, to_state)`` name pairs.
@@ -183,18 +183,24 @@ class NMESequenceTagger(_NMEEstimator):
 
     Labels are state *names*: strings or ints (ints are names too, not indices).
 
-    **M-step defaults** (``m_step="laplace"``, ``sigma2="mean_loss"``; the paper's M-step is
-    ``m_step="paper"``). The paper sets σ² to the mean training loss, for the CRF a
-    per-sequence NLL of 10–27, which divides the data term by that much: θⁱ barely move from 0,
-    their variance across persons is tiny, and Σ (the variance of the modes) shrinks every
-    epoch as fast as annealing allows until the model is the generic CRF again.
-    ``m_step="laplace"`` adds each person's posterior variance of θⁱ (empirical Fisher of the
-    sequence NLLs) to Σ, which stops the collapse; it costs one extra forward/backward pass over
-    the training sequences per epoch. ``sigma2="nll"`` (an option, not the paper) fixes σ² = ½
-    so that Eq. 1 is twice the negative log posterior of the mixed CRF and each sequence counts
-    with its full likelihood weight; it recovers the transition matrices best once training runs
-    long, but costs chance-corrected agreement, so it is not the default. The measurements
-    behind these defaults are in ``docs/decisions.md``.
+    **E-step, M-step and σ² defaults** (``e_step="newton"``, ``m_step="laplace"``,
+    ``sigma2="nll"``). Given the emissions the CRF NLL is convex in the transition scores, with
+    Hessian the covariance of the transition counts; where θⁱ is short (d ≤
+    :attr:`HESSIAN_MAX_DIM`: ``placement="T"``, or ``"last+T"`` of small linear emissions) every
+    epoch ends with an exact E-step — batched Newton steps with that Hessian (closed form for
+    T alone, double backward otherwise) to every person's posterior mode — and the M-step uses
+    the exact Laplace posterior; ``fit_person`` (the service's per-user update) takes the same
+    steps. Wider placements keep Adam epochs, L-BFGS in ``fit_person`` and the empirical
+    Fisher.
+
+    σ² = ½ because the CRF loss is a negative log-likelihood: (1/σ²) Σ l + θᵀΣ⁻¹θ is then
+    exactly twice the negative log posterior of the mixed CRF, and Σ is the prior variance of
+    θⁱ. There is no noise variance to estimate; the paper's σ² = mean loss (a per-sequence NLL
+    of ~16 here) tempers every person's likelihood by 1/(2σ²) ≈ 1/30, as if 114 observed
+    transitions were 4, so the between-person variance is not identifiable from them and
+    the marginal-likelihood Σ goes to 0 (with exact E-steps Σ of Tⁱ fell from 0.33 to 0.000
+    in 4 epochs on ``simulate_sequences``; with σ² = ½ it settles at 0.2–0.3, the simulated
+    log-scale variance being 0.25). The measurements: ``docs/decisions.md``.
     """
 
     def __init__(
@@ -211,7 +217,7 @@ class NMESequenceTagger(_NMEEstimator):
         patience: int | None = 10,
         anneal: float | None = 0.8,
         m_step: str = "laplace",
-        sigma2: str = "mean_loss",
+        sigma2: str = "nll",
         learn_start_end: bool = False,
         allowed: Any = None,
         states: Sequence[Hashable] | None = None,
@@ -659,35 +665,151 @@ class NMESequenceTagger(_NMEEstimator):
         return transitions.expand(1, -1, -1)[0].cpu().numpy().astype(np.float64)
 
     def transition_matrices(
-        self, person: Hashable | Sequence[Hashable] | np.ndarray | None = None
+        self,
+        person: Hashable | Sequence[Hashable] | np.ndarray | None = None,
+        reading: str = "chain",
     ) -> np.ndarray:
-        """Row-normalised transition probabilities softmax(T̄ + Tⁱ) for interpretation.
+        """Transition probabilities of T̄ + Tⁱ for interpretation.
 
         Forbidden transitions get probability 0. Unknown persons (and None) get T̄.
 
         Args:
             person: one person id -> ``(S, S)``; a list/array of ids -> ``(n, S, S)``.
+            reading: ``"chain"`` (default): the Markov chain of labels the transition scores
+                define, exp T(i, j) v(j) / (λ v(i)) with v the Perron eigenvector of exp T
+                (:func:`nme.crf.label_chain`); ``"softmax"``: the row-softmax of T̄ + Tⁱ
+                (the reading before; a CRF's scores are not log-probabilities, and on
+                ``simulate_sequences`` it shows about a quarter of the true group difference,
+                the chain all of it — ``docs/decisions.md``).
 
         Returns:
             Rows = from-state, columns = to-state, in the order of ``states_``; rows sum to 1.
         """
         self._check_fitted()
+        if reading not in ("chain", "softmax"):
+            raise ValueError(f"reading must be 'chain' or 'softmax', got {reading!r}")
         many = isinstance(person, (list, np.ndarray))
         ids = as_id_list(person) if many else [person]
         with torch.no_grad():
             rows = self._rows(None if person is None else ids, len(ids))
             transitions, _, _ = self._crf_scores(rows)
             transitions = transitions.expand(len(ids), -1, -1)  # (n, S, S)
-            if self.allowed_ is not None:
-                transitions = transitions.masked_fill(~self.allowed_, float("-inf"))
-            probs = torch.softmax(transitions.double(), dim=-1).cpu().numpy()
+            if reading == "chain":
+                probs = crf.label_chain(transitions, self.allowed_).cpu().numpy()
+            else:
+                if self.allowed_ is not None:
+                    transitions = transitions.masked_fill(~self.allowed_, float("-inf"))
+                probs = torch.softmax(transitions.double(), dim=-1).cpu().numpy()
         return probs if many else probs[0]
 
     # ----------------------------------------------------------------- per-person E-step
-    _newton_e_step = False
-    """θⁱ keep the values the epochs gave them (``fit``) or L-BFGS's (``fit_person``): a
-    Newton E-step for the CRF needs its exact transition Hessian, not the empirical Fisher
-    (another issue). The posterior variance uses the Fisher curvature of the sequence NLLs."""
+    HESSIAN_MAX_DIM: ClassVar[int] = 64
+    """Largest θⁱ length d for which the E-step uses the exact Hessian of the sequence NLLs
+    (d double-backward passes per chunk of sequences; ``placement="T"`` has d = S², linear
+    emissions with ``"last+T"`` d = S(F + 1) + S²) and runs after every epoch. Above it θⁱ come
+    from the epochs' Adam steps (``fit``) or L-BFGS (``fit_person``), and the posterior
+    variance from the empirical Fisher."""
+
+    def _exact_hessian(self) -> bool:
+        return 0 < self.module_.effect_dim <= self.HESSIAN_MAX_DIM
+
+    def _newton_e_step(self) -> bool:
+        # Newton steps need the true curvature: with the empirical Fisher (a rank-one guess
+        # per sequence) they overshoot or crawl, so wide placements keep Adam/L-BFGS.
+        return self._exact_hessian()
+
+    def _epoch_newton(self) -> bool:
+        # With the exact Hessian the E-step is a few Newton steps over all persons at once —
+        # cheaper than the Fisher pass of the Laplace M-step it replaces — so every epoch's
+        # M-step sees posterior modes and exact posterior variances (EM, not one Adam epoch).
+        return self._exact_hessian()
+
+    def _item_curvature(
+        self, items: _Items, idx: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sequence: NLL ``(b,)``, its gradient w.r.t. the sequence's θⁱ row ``(b, d)`` and
+        a factor ``(b, d, d)`` of half its exact Hessian (see :data:`nme.estep.ItemCurvature`).
+
+        The Hessian of log Z w.r.t. the transition scores is the covariance of the transition
+        counts under the CRF (PSD: the NLL is convex in T and, for emissions linear in θⁱ, in
+        θⁱ). It is taken by double backward: sequence b depends on row b only, so one backward
+        of Σ_b ∂l_b/∂θ_k gives column k of every sequence's Hessian at once — d passes, a loop
+        over parameters, never over sequences or persons. Half the Hessian ½H = FᵀF with
+        F = diag(√(λ/2)) Vᵀ from its eigendecomposition; negative eigenvalues (round-off, or a
+        non-convex placement such as hidden layers) are clipped to 0 so the Newton precision
+        stays positive definite. Above :attr:`HESSIAN_MAX_DIM` the empirical Fisher.
+        """
+        if not self._exact_hessian():
+            return super()._item_curvature(items, idx, rows)
+        chunk = self.HESSIAN_CHUNK
+        exact = (self._transition_curvature if self.module_.layout.names == (TRANSITIONS,)
+                 else self._exact_curvature)
+        parts = [exact(items, idx[s : s + chunk], rows[s : s + chunk])
+                 for s in range(0, idx.shape[0], chunk)]
+        losses, grads, factors = (torch.cat(p) for p in zip(*parts, strict=True))
+        return losses, grads, factors
+
+    NEWTON_TOL: ClassVar[float] = 1e-7
+    """The sequence NLLs are float32 sums of ~10² per person: a predicted decrease below 10⁻⁷
+    of Jᵢ is under their round-off, where a line search can no longer confirm a step and
+    would only spend its halvings."""
+
+    HESSIAN_CHUNK: ClassVar[int] = 256
+    """Sequences per double-backward graph of :meth:`_item_curvature` (bounds its memory)."""
+
+    def _transition_curvature(
+        self, items: _Items, idx: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_item_curvature` for θⁱ = Tⁱ alone, in closed form: the NLL's gradient is
+        E[n] − n(y) and its Hessian Cov[n], n the transition counts under the person's CRF
+        (:func:`nme.crf.transition_count_moments`) — one forward–backward pass, no autograd.
+        """
+        assert items.mask is not None
+        mask = items.mask[idx]  # (b, L)
+        longest = int(mask.sum(1).max())
+        mask = mask[:, :longest]
+        tags = items.y[idx, :longest]  # (b, L)
+        with torch.no_grad():
+            emissions, _ = self.module_(items.x[idx, :longest], effects=rows)  # (b, L, S)
+            transitions, start, end = self._crf_scores(rows)  # (b, S, S)
+            losses = -crf.log_likelihood(emissions, tags, mask, transitions, start, end,
+                                         self.allowed_)  # (b,)
+            pairwise = crf.pairwise_marginals(emissions.double(), mask, transitions.double(),
+                                              None if start is None else start.double(),
+                                              None if end is None else end.double(),
+                                              self.allowed_)  # (b, L - 1, S, S)
+        mean, cov = crf.transition_count_moments(pairwise)  # (b, S²), (b, S², S²)
+        n_states = transitions.shape[-1]
+        pairs = tags[:, :-1] * n_states + tags[:, 1:]  # (b, L - 1) flat index of each step
+        observed = mean.new_zeros(mean.shape).scatter_add_(
+            1, pairs, mask[:, 1:].to(mean.dtype))  # (b, S²) counts of the labelled path
+        grads = (mean - observed).to(rows.dtype)
+        return losses, grads, self._half_factor(cov).to(rows.dtype)
+
+    @staticmethod
+    def _half_factor(hessian: torch.Tensor) -> torch.Tensor:
+        """``(b, d, d)`` symmetric PSD H -> F with FᵀF = ½H (eigenvalues below 0, from
+        round-off or a non-convex placement, clipped so the Newton precision stays PD)."""
+        hessian = 0.5 * (hessian + hessian.mT).to(torch.float64)
+        eigenvalues, eigenvectors = torch.linalg.eigh(hessian)  # (b, d), (b, d, d)
+        return (eigenvalues.clamp_min(0.0) / 2).sqrt().unsqueeze(-1) * eigenvectors.mT
+
+    def _exact_curvature(
+        self, items: _Items, idx: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_item_curvature` with the exact Hessian for one chunk of sequences."""
+        persons = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)  # unused
+        leaf = rows.detach().clone().requires_grad_(True)  # (b, d)
+        d = leaf.shape[1]
+        with torch.enable_grad():
+            losses, _ = self._train_losses(items, persons, idx, leaf)  # (b,)
+            (grads,) = torch.autograd.grad(losses.sum(), leaf, create_graph=True)  # (b, d)
+            columns = [
+                torch.autograd.grad(grads[:, k].sum(), leaf, retain_graph=k < d - 1)[0]
+                for k in range(d)
+            ]
+        hessian = torch.stack(columns, dim=-1).detach()  # (b, d, d)
+        return losses.detach(), grads.detach(), self._half_factor(hessian).to(rows.dtype)
 
     def fit_person(
         self,

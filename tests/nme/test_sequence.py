@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nme
-from nme import NMESequenceTagger, load_estimator
+from nme import NMESequenceTagger, crf, load_estimator
 from nme.data import temporal_split
 from nme.sequence import EmissionCRF, sequence_placement
 from nme.simulate import SEQUENCE_STATES, TRANSITION_COLUMNS, simulate_sequences
@@ -169,9 +169,11 @@ def test_unknown_person_uses_generic_transitions(small) -> None:  # type: ignore
     est, (seqs, persons) = small
     feats = [f for f, _ in seqs]
     t_bar = est.module_.base.transitions.detach().double()
-    expected = torch.softmax(t_bar, -1).numpy()
+    expected = crf.label_chain(t_bar).numpy()  # the chain T̄ defines
     np.testing.assert_allclose(est.transition_matrices("nobody"), expected, rtol=1e-12)
     np.testing.assert_allclose(est.transition_matrices(None), expected, rtol=1e-12)
+    np.testing.assert_allclose(est.transition_matrices(None, reading="softmax"),
+                               torch.softmax(t_bar, -1).numpy(), rtol=1e-12)
     np.testing.assert_allclose(est.transition_scores("nobody"), t_bar.numpy(), rtol=1e-6)
     assert est.predict(feats, ["nobody"] * len(feats)) == est.predict(feats)
     # a known person's own Tⁱ is not zero, so their matrix differs from T̄

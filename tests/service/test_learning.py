@@ -9,12 +9,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 import service.learning.refit as refit_module
+from nme import load_estimator
+from nme.base import _Items
+from service.config import Settings
 from service.jobs import tasks
+from service.storage import store
+from service.storage.codec import decode_effects
 from service.storage.tables import Job, PersonParam, User
 from tests.service.factories import (
     features,
@@ -138,7 +144,7 @@ def test_failing_job_is_retried_then_succeeds(
 
 
 def test_sequence_model_user_update(
-    client: TestClient, auth: Callable, session_factory: sessionmaker
+    client: TestClient, auth: Callable, session_factory: sessionmaker, settings: Settings
 ) -> None:
     response = client.post("/v1/models", json=sequence_model_payload(), headers=auth("admin"))
     assert response.status_code == 201
@@ -162,6 +168,34 @@ def test_sequence_model_user_update(
     assert decoded.json()["personalized"] is True
     user = client.get("/v1/models/affect/users/stranger", headers=auth("predict")).json()
     assert user["personalized"] is True and user["n_labels"] == 10
+
+    # The update refreshed Tⁱ (and the last layer) by the tagger's exact Newton E-step: the
+    # stored row is the posterior mode, so the objective's gradient vanishes there and a
+    # further Newton E-step from it stays put.
+    with session_factory() as session:
+        model = store.get_model(session, name="affect")
+        version = store.get_active_version(session, model_id=model.id)
+        order = list(model.features)  # the estimator's columns, as the service feeds them
+        stored = decode_effects(session.execute(
+            select(PersonParam.effects).join(User, User.id == PersonParam.user_id)
+            .where(User.external_id == "stranger", PersonParam.version_id == version.id)
+        ).scalar_one())
+    estimator = load_estimator(settings.artifact_dir / version.artifact_path)
+    assert estimator._newton_e_step()  # last+T of hidden=[8]: d = 36 ≤ HESSIAN_MAX_DIM
+    inputs = ([np.array([[seg["features"][f] for f in order] for seg in item["segments"]],
+                        np.float32) for item in newcomer],
+              [item["labels"] for item in newcomer])
+    again = estimator.fit_person(*inputs, init=stored)
+    np.testing.assert_allclose(again, stored, atol=1e-4)
+    x, mask, y = estimator._labelled_tensors(*inputs, "features", "labels")
+    items = _Items(x=x, y=y, ids=[0] * len(newcomer), mask=mask)
+    theta = torch.tensor(stored, requires_grad=True)
+    rows = theta.expand(len(newcomer), -1)
+    persons = torch.zeros(len(newcomer), dtype=torch.long)
+    nll = estimator._train_losses(items, persons, torch.arange(len(newcomer)), rows)[0].sum()
+    objective = nll / estimator.sigma2_ + (theta**2 / estimator._Sigma_flat).sum()
+    (grad,) = torch.autograd.grad(objective, theta)
+    assert float(grad.abs().max()) < 1e-3 * (1 + float(objective)), grad
 
 
 def test_metrics_need_admin_and_report_traffic_jobs_and_versions(
