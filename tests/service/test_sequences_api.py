@@ -56,6 +56,22 @@ def test_sequence_model_defaults_come_from_the_tagger(affect_model: dict) -> Non
     assert affect_model["states"] == STATES
 
 
+def test_a_sequence_model_keeps_its_sigma2_rule(affect_model: dict, session_factory) -> None:
+    """σ² = ½ (the tagger's default since the exact Tⁱ E-step) is recorded with a new model;
+    a model stored before it trains with the rule of its time, the mean loss."""
+    from service.learning.kinds import kind_for
+    from service.storage import store
+
+    assert affect_model["training"]["sigma2"] == "nll"
+    with session_factory() as session:
+        model = store.get_model(session, name="affect")
+        assert model is not None
+        kind = kind_for("sequence")
+        assert kind.build_estimator(model, device="cpu").sigma2 == "nll"
+        model.training = {k: v for k, v in model.training.items() if k != "sigma2"}
+        assert kind.build_estimator(model, device="cpu").sigma2 == "mean_loss"
+
+
 def test_refit_trains_a_sequence_version(trained_affect: dict) -> None:
     assert trained_affect["version"] == 1 and trained_affect["status"] == "active"
     metrics = trained_affect["metrics"]

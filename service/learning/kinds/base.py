@@ -63,10 +63,11 @@ LEGACY_TRAINING: dict[str, dict[str, Any]] = {
            "tol": None, "n_iter_no_change": 10}
     for task in ("regression", "classification", "sequence")
 }
+LEGACY_TRAINING["sequence"]["sigma2"] = "mean_loss"
 """The fit procedure of models stored before :data:`PINNED_TRAINING_KEYS` were recorded: the
 estimators' behaviour when those models were created (the paper's M-step for regression, the
 Laplace one otherwise; θⁱ as the epochs left them, i.e. ``e_step="sgd"``; no convergence test,
-``tol=None``)."""
+``tol=None``; σ² = the mean loss for sequence models, the tagger's default until σ² = ½)."""
 
 SERVICE_DEFAULTS = {"random_state": 0}
 """Where the service deliberately differs from the estimators: refits are reproducible."""
@@ -290,6 +291,8 @@ class ModelKind(ABC):
     """The ``model.task`` value this kind handles."""
     estimator_class: ClassVar[type[Estimator]]
     architecture_keys: ClassVar[tuple[str, ...]] = ARCHITECTURE_KEYS
+    pinned_training_keys: ClassVar[tuple[str, ...]] = PINNED_TRAINING_KEYS
+    """:data:`PINNED_TRAINING_KEYS` and this kind's own (the tagger's ``sigma2``)."""
     score_name: ClassVar[str]
     """What ``val_score`` measures (higher is better)."""
     supports_intervals: ClassVar[bool] = False
@@ -345,7 +348,7 @@ class ModelKind(ABC):
             return out
 
         resolved = (fill(architecture, self.architecture_keys),
-                    fill(training, TRAINING_KEYS + PINNED_TRAINING_KEYS))
+                    fill(training, TRAINING_KEYS + self.pinned_training_keys))
         states = labels if self.task == "sequence" else None
         try:
             estimator = self.estimator_class(**self._estimator_kwargs(*resolved, states=states))

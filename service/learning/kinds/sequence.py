@@ -18,6 +18,7 @@ from nme import NMESequenceTagger
 from service.errors import Conflict, InvalidInput, invalid
 from service.learning.kinds.base import (
     ARCHITECTURE_KEYS,
+    PINNED_TRAINING_KEYS,
     Callback,
     Decoded,
     ModelKind,
@@ -80,6 +81,8 @@ class SequenceKind(ModelKind):
     task = "sequence"
     estimator_class = NMESequenceTagger
     architecture_keys = ARCHITECTURE_KEYS + ("learn_start_end", "forbidden_transitions")
+    # σ² = ½ became the tagger's default with the exact Tⁱ E-step: older models keep theirs
+    pinned_training_keys = PINNED_TRAINING_KEYS + ("sigma2",)
     score_name = "segment_accuracy"
     routes: ClassVar[frozenset[str]] = frozenset({"sequences", "decode"})
 
