@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from nme import NMESequenceTagger
+from nme import NMESequenceTagger, crf
 from service.errors import Conflict, InvalidInput, invalid
 from service.learning.kinds.base import (
     ARCHITECTURE_KEYS,
@@ -326,18 +326,17 @@ def _skipped_warning(rows: Sequence[Any]) -> TrainingWarning:
 def transition_probabilities(
     tagger: NMESequenceTagger, effects: np.ndarray | None
 ) -> list[list[float]]:
-    """softmax(T̄ + Tⁱ) per row for one user's θⁱ row ``(d,)`` (None: the generic T̄).
+    """The label chain T̄ + Tⁱ define (``NMESequenceTagger.transition_matrices``' default
+    reading, :func:`nme.crf.label_chain`) for one user's θⁱ row ``(d,)`` (None: the generic
+    T̄): rows from-state, columns to-state, forbidden transitions 0.
 
-    Forbidden transitions get probability 0. Uses the tagger's ``_crf_scores``: the public
-    ``transition_matrices`` reads θⁱ from the estimator's own table, which a served artifact
-    does not carry (θⁱ lives in the database).
+    Uses the tagger's ``_crf_scores``: the public ``transition_matrices`` reads θⁱ from the
+    estimator's own table, which a served artifact does not carry (θⁱ lives in the database).
     """
     row = np.zeros((1, tagger.n_effects_), np.float32) if effects is None else effects[None]
     with torch.no_grad():
         rows = tagger._effects_tensor(row, None)
         transitions, _, _ = tagger._crf_scores(rows)
-        transitions = transitions.expand(1, -1, -1)[0]  # (S, S)
-        if tagger.allowed_ is not None:
-            transitions = transitions.masked_fill(~tagger.allowed_, float("-inf"))
-        probabilities = torch.softmax(transitions.double(), dim=-1)
+        transitions = transitions.expand(1, -1, -1)  # (1, S, S)
+        probabilities = crf.label_chain(transitions, tagger.allowed_)[0]
     return probabilities.cpu().tolist()
