@@ -18,6 +18,7 @@ callers without a job (the CLI, the demo).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.errors import Conflict, NotFound
 from service.learning.champion import Decision, decide, score_challenger, score_champion
 from service.learning.kinds import Estimator, TrainingData, kind_of
-from service.learning.kinds.base import Callback, non_finite_parts, temporal_split
+from service.learning.kinds.base import (
+    REFIT_CHUNK_ROWS,
+    Callback,
+    non_finite_parts,
+    temporal_split,
+)
 from service.storage import store
 from service.storage.artifacts import ArtifactCorrupt, remove_artifact, write_artifact
 from service.storage.codec import encode_effects
@@ -109,18 +115,20 @@ def train_version(
     device: str,
     activate: ActivationRule = True,
     callback: Callback | None = None,
+    chunk_rows: int = REFIT_CHUNK_ROWS,
 ) -> TrainedVersion:
     """Read, fit, decide and write the artifact (nothing is written to the database).
 
     Args:
         activate: see :data:`ActivationRule`; the champion/challenger decision is stored in the
             metrics as ``champion_challenger``.
+        chunk_rows: labelled rows read per chunk (``NME_REFIT_CHUNK_ROWS``).
     """
     with session_factory() as session:
         model = store.get_model(session, name=model_name)
         if model is None:
             raise NotFound(f"model {model_name!r} not found")
-        data = kind_of(model).load_training_data(session, model=model)
+        data = kind_of(model).load_training_data(session, model=model, chunk_rows=chunk_rows)
     estimator, metrics = fit_estimator(model, data, device=device, callback=callback)
     check_finite(model, estimator, metrics)
     decision = None
@@ -162,9 +170,7 @@ def record_version(session: Session, trained: TrainedVersion) -> ModelVersion:
     # back through their θⁱ.
     wanted = [data.user_row_ids[str(p)] for p in estimator.person_ids_]
     alive = store.users_with_data(session, model_id=trained.model.id, user_ids=wanted)
-    counts: dict[str, int] = {}
-    for person in data.persons_train:
-        counts[person] = counts.get(person, 0) + 1
+    counts = Counter(data.persons_train)  # training rows per user (C loop, not Python)
     effects = estimator.effects_matrix()  # (n_persons, d)
     variances = estimator.effects_variance_matrix()  # (n_persons, d), the Laplace posterior
     rows = [

@@ -5,7 +5,7 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
@@ -376,14 +376,19 @@ def forget_user_in_model(session: Session, *, model_id: int, user_id: int) -> No
 def users_with_data(session: Session, *, model_id: int, user_ids: Sequence[int]) -> set[int]:
     """Which of ``user_ids`` still have observations or sequences in the model."""
     found: set[int] = set()
-    for table in (Observation, SequenceRow):
-        found.update(
-            session.scalars(
-                select(table.user_id)
-                .where(table.model_id == model_id, table.user_id.in_(list(user_ids)))
-                .distinct()
+    wanted = list(user_ids)
+    # In chunks: a refit asks about every trained user (a million), and PostgreSQL takes at
+    # most 65 535 bound parameters per statement.
+    for start in range(0, len(wanted), ID_CHUNK):
+        chunk = wanted[start : start + ID_CHUNK]
+        for table in (Observation, SequenceRow):
+            found.update(
+                session.scalars(
+                    select(table.user_id)
+                    .where(table.model_id == model_id, table.user_id.in_(chunk))
+                    .distinct()
+                )
             )
-        )
     return found
 
 
@@ -539,6 +544,45 @@ def load_labelled_observations(
         .order_by(User.external_id, Observation.day)
     )
     return list(session.execute(statement))
+
+
+def count_labelled_observations(session: Session, *, model_id: int) -> int:
+    """How many labelled observations a model has (sizes a streamed refit's arrays)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Observation)
+            .where(Observation.model_id == model_id, Observation.label.is_not(None))
+        )
+        or 0
+    )
+
+
+def stream_labelled_observations(
+    session: Session, *, model_id: int, features: Sequence[str], chunk_rows: int
+) -> Iterator[Sequence[Row[Any]]]:
+    """All labelled observations of a model in chunks of at most ``chunk_rows`` rows, ordered
+    by user and day like :func:`load_labelled_observations`.
+
+    Each row is ``(external id, user row id, day, label, value of features[0], …)``: the database
+    takes the features out of the JSON (``->>`` on PostgreSQL, ``json_extract`` on SQLite) so
+    no per-row dict is built. One statement (one snapshot); on PostgreSQL a server-side cursor
+    (``yield_per``), so the client holds one chunk at a time; SQLite's cursor steps lazily.
+    """
+    statement = (
+        select(
+            User.external_id,
+            Observation.user_id,
+            Observation.day,
+            Observation.label,
+            *(Observation.features[name].as_float() for name in features),
+        )
+        .join(User, User.id == Observation.user_id)
+        .where(Observation.model_id == model_id, Observation.label.is_not(None))
+        .order_by(User.external_id, Observation.day)
+    )
+    result = session.execute(statement, execution_options={"yield_per": chunk_rows})
+    yield from result.partitions()
 
 
 def load_labelled_sequences(
