@@ -91,10 +91,10 @@ def features_of(n: int) -> list[str]:
     return [f"f{k}" for k in range(n)]
 
 
-def load(url: str, args: argparse.Namespace, n_users: int) -> tuple[str, float]:
+def load(url: str, args: argparse.Namespace, n_users: int) -> tuple[str, float, dict[str, Any]]:
     """Migrate, create the model and an admin key, COPY users and observations.
 
-    Returns ``(key, seconds to load the rows)``.
+    Returns ``(key, seconds to load the rows, the model's stored settings)``.
     """
     from service import migrate
     from service.db import make_engine, make_session_factory
@@ -119,6 +119,7 @@ def load(url: str, args: argparse.Namespace, n_users: int) -> tuple[str, float]:
         )
         session.commit()
         model_id = model.id
+        stored = {"architecture": model.architecture, "training": model.training}
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     weights = rng.normal(size=args.features)  # (F,) the generic linear part
@@ -160,7 +161,7 @@ def load(url: str, args: argparse.Namespace, n_users: int) -> tuple[str, float]:
     finally:
         raw.close()
     engine.dispose()
-    return key, time.perf_counter() - started
+    return key, time.perf_counter() - started, stored
 
 
 def table_bytes(url: str, table: str) -> int:
@@ -353,7 +354,7 @@ def run_size(n_users: int, args: argparse.Namespace, work: Path) -> dict[str, An
     log(f"database {make_url(url).database}: {n_users:,} users × {args.days} days")
     result: dict[str, Any] = {"users": n_users, "days": args.days}
     try:
-        key, result["load_seconds"] = load(url, args, n_users)
+        key, result["load_seconds"], result["settings"] = load(url, args, n_users)
         result["observations_bytes"] = table_bytes(url, "observations")
         log(f"loaded in {result['load_seconds']:.1f} s "
             f"(observations {result['observations_bytes'] / 2**20:,.0f} MiB)")
@@ -387,10 +388,8 @@ def summary(big: dict[str, Any], small: dict[str, Any] | None, args: argparse.Na
         "=" * 78,
         f"million_users summary: {big['users']:,} users × {big['days']} days "
         f"({big['users'] * big['days']:,} labelled rows), {args.features} features",
-        f"model: regression, hidden={args.hidden}, placement=last, method=nme, "
-        f"max_epochs={args.epochs}, batch_size={args.batch_size}, other settings the "
-        "estimator's defaults (stored with the model); device cpu, 1 torch thread; "
-        f"NME_REFIT_CHUNK_ROWS={args.chunk_rows}",
+        f"model (regression, as stored): {json.dumps(big['settings'])}",
+        f"device cpu, 1 torch thread, NME_REFIT_CHUNK_ROWS={args.chunk_rows}",
         f"load (COPY users + observations): {big['load_seconds']:.1f} s; observations table "
         f"{big['observations_bytes'] / 2**20:,.0f} MiB",
         f"refit wall (child process, incl. imports): {refit['wall_seconds']:.1f} s "
