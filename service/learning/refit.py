@@ -18,7 +18,6 @@ callers without a job (the CLI, the demo).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +41,6 @@ from service.learning.kinds.base import (
 )
 from service.storage import store
 from service.storage.artifacts import ArtifactCorrupt, remove_artifact, write_artifact
-from service.storage.codec import encode_effects
 from service.storage.tables import Model, ModelVersion
 
 __all__ = [
@@ -167,23 +167,22 @@ def record_version(session: Session, trained: TrainedVersion) -> ModelVersion:
         trained_until=data.read_at,
     )
     # Users forgotten while the model trained (everywhere, or in this model) must not come
-    # back through their θⁱ.
-    wanted = [data.user_row_ids[str(p)] for p in estimator.person_ids_]
-    alive = store.users_with_data(session, model_id=trained.model.id, user_ids=wanted)
-    counts = Counter(data.persons_train)  # training rows per user (C loop, not Python)
-    effects = estimator.effects_matrix()  # (n_persons, d)
-    variances = estimator.effects_variance_matrix()  # (n_persons, d), the Laplace posterior
-    rows = [
-        {
-            "user_id": user_id,
-            "effects": encode_effects(effects[k]),
-            "effects_var": encode_effects(variances[k]),
-            "n_obs": counts[str(person)],
-        }
-        for k, (person, user_id) in enumerate(zip(estimator.person_ids_, wanted, strict=True))
-        if user_id in alive
-    ]
-    store.add_person_params(session, version_id=version.id, rows=rows)
+    # back through their θⁱ. Per-user look-ups run in pandas' hash tables, not Python loops.
+    persons = pd.Index(estimator.person_ids_).astype(str)  # (U,) the table's row order
+    known = pd.Series(list(data.user_row_ids.values()), index=list(data.user_row_ids.keys()))
+    wanted = known.reindex(persons).to_numpy(dtype=np.int64)  # (U,) user row ids
+    counts = pd.Series(np.asarray(data.persons_train, dtype=object)).value_counts()
+    n_obs = counts.reindex(persons).to_numpy(dtype=np.int64)  # (U,) training labels each
+    alive = store.users_with_data(session, model_id=trained.model.id, user_ids=wanted.tolist())
+    keep = np.isin(wanted, np.fromiter(alive, dtype=np.int64, count=len(alive)))  # (U,)
+    store.add_person_param_arrays(
+        session,
+        version_id=version.id,
+        user_ids=wanted[keep],
+        effects=estimator.effects_matrix()[keep],  # (U', d)
+        effects_var=estimator.effects_variance_matrix()[keep],  # (U', d), Laplace posterior
+        n_obs=n_obs[keep],
+    )
     if trained.activate:
         store.activate_version(session, version=version)
     return version

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
+import numpy as np
 from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from service.storage.codec import encode_matrix
 from service.storage.tables import (
     ApiKey,
     Job,
@@ -637,6 +639,84 @@ def add_person_params(
 
 COPY_MIN_ROWS = 500
 """From this many θⁱ rows on, PostgreSQL writes them with COPY."""
+
+
+def add_person_param_arrays(
+    session: Session,
+    *,
+    version_id: int,
+    user_ids: np.ndarray,
+    effects: np.ndarray,
+    effects_var: np.ndarray,
+    n_obs: np.ndarray,
+) -> None:
+    """Bulk-insert a refit's θⁱ rows from arrays, in the session's transaction (flushes).
+
+    On PostgreSQL (from :data:`COPY_MIN_ROWS` rows) the whole ``COPY … (FORMAT binary)`` stream
+    is one numpy structured array — every field of every row laid out by numpy, no Python
+    object per user — written in slices of :data:`COPY_SLICE_ROWS` rows. Elsewhere (SQLite)
+    and for a few rows, :func:`add_person_params`.
+
+    Args:
+        user_ids: ``(n,)`` user row ids.
+        effects, effects_var: ``(n, d)`` θⁱ and their posterior variances, encoded here with
+            :func:`codec.encode_matrix` (the bytes :func:`codec.encode_effects` gives per row).
+        n_obs: ``(n,)`` each user's number of training labels.
+    """
+    n = len(user_ids)
+    if n == 0:
+        return
+    effects, effects_var = encode_matrix(effects), encode_matrix(effects_var)
+    use_copy = session.get_bind().dialect.name == "postgresql" and n >= COPY_MIN_ROWS
+    if not use_copy or effects.shape[1] == 0:  # (numpy has no zero-width void field)
+        add_person_params(session, version_id=version_id, rows=[
+            {"user_id": int(user_id), "effects": effects[k].tobytes(),
+             "effects_var": effects_var[k].tobytes(), "n_obs": int(count)}
+            for k, (user_id, count) in enumerate(zip(user_ids, n_obs, strict=True))
+        ])
+        return
+    width = effects.shape[1] * effects.itemsize
+    # PostgreSQL's binary COPY row: a field count, then per field its byte length and value,
+    # all big-endian (bytea is the raw bytes: our little-endian float32).
+    record = np.dtype([
+        ("fields", ">i2"),
+        ("version_len", ">i4"), ("version_id", ">i4"),
+        ("stamp_len", ">i4"), ("updated_at", ">i8"),
+        ("user_len", ">i4"), ("user_id", ">i4"),
+        ("effects_len", ">i4"), ("effects", f"V{width}"),
+        ("var_len", ">i4"), ("effects_var", f"V{width}"),
+        ("n_obs_len", ">i4"), ("n_obs", ">i4"),
+    ])
+    table = np.empty(n, dtype=record)  # (n,) packed rows
+    table["fields"] = 6
+    table["version_len"], table["stamp_len"], table["user_len"] = 4, 8, 4
+    table["effects_len"] = table["var_len"] = width
+    table["n_obs_len"] = 4
+    table["version_id"] = version_id
+    table["updated_at"] = (utcnow() - POSTGRES_EPOCH) // timedelta(microseconds=1)
+    table["user_id"] = user_ids
+    table["effects"] = effects.view(f"V{width}")[:, 0]
+    table["effects_var"] = effects_var.view(f"V{width}")[:, 0]
+    table["n_obs"] = n_obs
+    session.flush()  # anything pending goes first, in order
+    driver = session.connection().connection.driver_connection
+    statement = (
+        "COPY person_params (version_id, updated_at, user_id, effects, effects_var, n_obs) "
+        "FROM STDIN (FORMAT binary)"
+    )
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.write(COPY_BINARY_HEADER)
+        for start in range(0, n, COPY_SLICE_ROWS):
+            copy.write(table[start : start + COPY_SLICE_ROWS].tobytes())
+        copy.write(COPY_BINARY_TRAILER)
+
+
+COPY_SLICE_ROWS = 65_536
+"""Rows per write of a binary COPY (bounds the extra bytes object to a few tens of MB)."""
+COPY_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, no extension
+COPY_BINARY_TRAILER = b"\xff\xff"  # field count -1
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+"""Binary timestamps count microseconds from here."""
 
 
 def autocommit_reads(session: Session) -> None:
