@@ -360,6 +360,8 @@ def run_size(n_users: int, args: argparse.Namespace, work: Path) -> dict[str, An
             f"(observations {result['observations_bytes'] / 2**20:,.0f} MiB)")
         if args.compare_read and n_users == args.users:
             result["read_compare"] = compare_read(url, args.chunk_rows)
+        if args.read_only:
+            return result
         before = table_bytes(url, "person_params")
         artifact_dir = work / f"artifacts-{n_users}"
         log("refit …")
@@ -457,11 +459,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-read", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases")
+    parser.add_argument("--read-only", action="store_true",
+                        help="only load and --compare-read (no refit, no serving)")
     args = parser.parse_args()
+    if args.read_only:
+        args.compare_read, args.small_users = True, 0
     with tempfile.TemporaryDirectory(prefix="nme-million-") as tmp:
         work = Path(tmp)
         big = run_size(args.users, args, work)
         small = run_size(args.small_users, args, work) if args.small_users else None
+    if args.read_only:
+        print(json.dumps(big["read_compare"]), flush=True)
+        return
     print(summary(big, small, args), flush=True)
     print(json.dumps({"big": big, "small": small}, default=str))
 

@@ -140,7 +140,7 @@ def read_labelled(
         np.not_equal(ids[1:], ids[:-1], out=starts[1:])
         first = len(external_ids)
         new = np.flatnonzero(starts)
-        external_ids.extend(columns[0][k] for k in new)
+        external_ids.extend(np.asarray(columns[0], dtype=object)[new].tolist())
         row_ids.extend(ids[new].tolist())
         user[n : n + m] = first - 1 + np.cumsum(starts)
         # Python floats to float32 in one conversion, as np.array(list of rows) did.
