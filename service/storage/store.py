@@ -11,7 +11,20 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
-from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    Row,
+    Table,
+    bindparam,
+    cast,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -561,29 +574,48 @@ def count_labelled_observations(session: Session, *, model_id: int) -> int:
 
 
 def stream_labelled_observations(
-    session: Session, *, model_id: int, features: Sequence[str], chunk_rows: int
+    session: Session,
+    *,
+    model_id: int,
+    features: Sequence[str],
+    chunk_rows: int,
+    float_labels: bool = False,
 ) -> Iterator[Sequence[Row[Any]]]:
     """All labelled observations of a model in chunks of at most ``chunk_rows`` rows, ordered
     by user and day like :func:`load_labelled_observations`.
 
-    Each row is ``(external id, user row id, day, label, value of features[0], …)``: the database
-    takes the features out of the JSON (``->>`` on PostgreSQL, ``json_extract`` on SQLite) so
-    no per-row dict is built. One statement (one snapshot); on PostgreSQL a server-side cursor
-    (``yield_per``), so the client holds one chunk at a time; SQLite's cursor steps lazily.
+    Each row is ``(external id, user row id, day as days since 1970-01-01, label, value of
+    features[0], …)``. The database does the per-value work a client would do in Python: it
+    takes the features out of the JSON (``->>`` on PostgreSQL, ``json_extract`` on SQLite),
+    counts the days, and with ``float_labels`` casts the JSON label to a float on PostgreSQL
+    (correctly rounded there, like Python's JSON parser; SQLite's text-to-real conversion is
+    not guaranteed to be, so there the driver's JSON decoding stays). One statement (one
+    snapshot) on the session's connection, through Core (no ORM row processing); on PostgreSQL
+    a server-side cursor (``yield_per``), so the client holds one chunk at a time; SQLite's
+    cursor steps lazily.
     """
+    connection = session.connection()
+    postgres = connection.dialect.name == "postgresql"
+    if postgres:  # date - date is an integer number of days
+        day = literal_column("observations.day - DATE '1970-01-01'", Integer)
+    else:  # dates are 'YYYY-MM-DD' text
+        day = literal_column("CAST(julianday(observations.day) - 2440587.5 AS INTEGER)", Integer)
+    label: Any = Observation.label
+    if float_labels and postgres:
+        label = cast(Observation.label, Float)
     statement = (
         select(
             User.external_id,
             Observation.user_id,
-            Observation.day,
-            Observation.label,
+            day,
+            label,
             *(Observation.features[name].as_float() for name in features),
         )
         .join(User, User.id == Observation.user_id)
         .where(Observation.model_id == model_id, Observation.label.is_not(None))
         .order_by(User.external_id, Observation.day)
     )
-    result = session.execute(statement, execution_options={"yield_per": chunk_rows})
+    result = connection.execute(statement, execution_options={"yield_per": chunk_rows})
     yield from result.partitions()
 
 

@@ -104,7 +104,9 @@ def test_any_chunk_size_reads_the_whole_read_s_training_data(
         assert_same_data(data, want)
         [warning] = data.warnings  # the outlier, named with its user and day
         assert warning.kind == "labels_skipped" and warning.data["n_labels"] == 1
-        assert warning.data["labels"][0]["label"] == 1e6
+        assert warning.data["labels"][0] == {
+            "user_id": odd_items()[4]["user_id"], "day": odd_items()[4]["day"], "label": 1e6
+        }
 
 
 def test_more_rows_than_counted_grow_the_arrays(

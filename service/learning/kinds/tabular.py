@@ -126,7 +126,8 @@ def read_labelled(
     shared_labels: dict[Any, Any] = {}  # class name → one str object for all its rows
     n, previous = 0, -1
     for rows in store.stream_labelled_observations(
-        session, model_id=model.id, features=model.features, chunk_rows=chunk_rows
+        session, model_id=model.id, features=model.features, chunk_rows=chunk_rows,
+        float_labels=label_dtype is not object,
     ):
         m = len(rows)
         if n + m > capacity:
@@ -149,7 +150,7 @@ def read_labelled(
         if label_dtype is object:
             labels = tuple(shared_labels.setdefault(label, label) for label in labels)
         y[n : n + m] = np.asarray(labels, dtype=label_dtype)
-        days[n : n + m] = np.asarray(columns[2], dtype="datetime64[D]")
+        days[n : n + m] = np.asarray(columns[2], dtype=np.int64).view("datetime64[D]")
         n, previous = n + m, int(ids[-1])
     return LabelledTable(
         x=x[:n], y=y[:n], user=user[:n], days=days[:n],
