@@ -349,12 +349,37 @@ def serve(url: str, artifact_dir: Path, key: str, n_users: int, args: argparse.N
 # ------------------------------------------------------------------------------- main
 
 
-def run_size(n_users: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    url = create_database(ADMIN_URL)
+def reuse(url: str) -> tuple[str, dict[str, Any]]:
+    """A new admin key and the model's stored settings in a database an earlier run loaded
+    (``--url``; its model must have no version yet)."""
+    from service.db import make_engine, make_session_factory
+    from service.storage import store
+    from service.storage.keys import create_key
+
+    engine = make_engine(url)
+    with make_session_factory(engine)() as session:
+        key = create_key(session, name="bench-reuse", scopes=["admin", "ingest", "predict"])
+        model = store.get_model(session, name=MODEL)
+        assert model is not None and store.get_active_version(session, model_id=model.id) is None
+        stored = {"architecture": model.architecture, "training": model.training}
+        session.commit()
+    engine.dispose()
+    return key, stored
+
+
+def run_size(
+    n_users: int, args: argparse.Namespace, work: Path, url: str | None = None
+) -> dict[str, Any]:
+    loaded = url is not None
+    url = url or create_database(ADMIN_URL)
     log(f"database {make_url(url).database}: {n_users:,} users × {args.days} days")
     result: dict[str, Any] = {"users": n_users, "days": args.days}
     try:
-        key, result["load_seconds"], result["settings"] = load(url, args, n_users)
+        if loaded:
+            key, result["settings"] = reuse(url)
+            result["load_seconds"] = float("nan")  # loaded by an earlier run
+        else:
+            key, result["load_seconds"], result["settings"] = load(url, args, n_users)
         result["observations_bytes"] = table_bytes(url, "observations")
         log(f"loaded in {result['load_seconds']:.1f} s "
             f"(observations {result['observations_bytes'] / 2**20:,.0f} MiB)")
@@ -374,7 +399,7 @@ def run_size(n_users: int, args: argparse.Namespace, work: Path) -> dict[str, An
         result["serve"] = serve(url, artifact_dir, key, n_users, args)
         log(f"serve: {json.dumps(result['serve'])}")
     finally:
-        if args.keep:
+        if args.keep or loaded:
             log(f"kept {url}")
         else:
             drop_database(ADMIN_URL, url)
@@ -459,6 +484,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-read", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the scratch databases")
+    parser.add_argument("--url", help="reuse a database an earlier run loaded (with --keep, "
+                        "or left behind by an interrupted run) with --users users; kept")
     parser.add_argument("--read-only", action="store_true",
                         help="only load and --compare-read (no refit, no serving)")
     args = parser.parse_args()
@@ -466,7 +493,7 @@ def main() -> None:
         args.compare_read, args.small_users = True, 0
     with tempfile.TemporaryDirectory(prefix="nme-million-") as tmp:
         work = Path(tmp)
-        big = run_size(args.users, args, work)
+        big = run_size(args.users, args, work, args.url)
         small = run_size(args.small_users, args, work) if args.small_users else None
     if args.read_only:
         print(json.dumps(big["read_compare"]), flush=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -541,26 +541,6 @@ def dialect_insert(session: Session, table: Table) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-def load_labelled_observations(
-    session: Session, *, model_id: int
-) -> list[Row[tuple[str, int, date, dict[str, float], Any]]]:
-    """All labelled observations of a model as (external id, user row id, day, features,
-    label), ordered by user and day (the refit splits each user's labels in time order)."""
-    statement = (
-        select(
-            User.external_id,
-            Observation.user_id,
-            Observation.day,
-            Observation.features,
-            Observation.label,
-        )
-        .join(User, User.id == Observation.user_id)
-        .where(Observation.model_id == model_id, Observation.label.is_not(None))
-        .order_by(User.external_id, Observation.day)
-    )
-    return list(session.execute(statement))
-
-
 def count_labelled_observations(session: Session, *, model_id: int) -> int:
     """How many labelled observations a model has (sizes a streamed refit's arrays)."""
     return int(
@@ -582,7 +562,7 @@ def stream_labelled_observations(
     float_labels: bool = False,
 ) -> Iterator[Sequence[Row[Any]]]:
     """All labelled observations of a model in chunks of at most ``chunk_rows`` rows, ordered
-    by user and day like :func:`load_labelled_observations`.
+    by user (external id) and day: the refit splits each user's labels in time order.
 
     Each row is ``(external id, user row id, day as days since 1970-01-01, label, value of
     features[0], …)``. The database does the per-value work a client would do in Python: it
