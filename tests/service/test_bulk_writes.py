@@ -134,3 +134,27 @@ def test_refit_rows_from_arrays_round_trip(
         assert row.effects_var == encode_effects(variances[k])
         assert row.n_obs == n_obs[k]
         assert before <= row.updated_at <= utcnow()
+
+
+def test_users_with_data_answers_the_same_for_many_ids(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ID_CHUNK ids (a refit's million users) one scan of the model replaces the IN
+    list: same answer, also for ids without data and users of another model."""
+    with session_factory() as session:
+        version = add_version(session, 0)
+        other = store.add_model(
+            session, name="other", task="regression", features=["a"], classes=None,
+            states=None, architecture={}, training={},
+        )
+        ids = store.ensure_users(session, external_ids=[f"u{k}" for k in range(9)])
+        for model_id, names in ((version.model_id, ["u0", "u2", "u3", "u7"]), (other.id, ["u1"])):
+            store.upsert_observations(session, model_id=model_id, rows=[
+                {"user_id": ids[name], "day": utcnow().date(), "features": {"a": 1.0},
+                 "label": 1.0} for name in names
+            ])
+        asked = [ids[f"u{k}"] for k in range(9)] + [10**6]
+        few = store.users_with_data(session, model_id=version.model_id, user_ids=asked)
+        monkeypatch.setattr(store, "ID_CHUNK", 3)
+        many = store.users_with_data(session, model_id=version.model_id, user_ids=asked)
+    assert few == many == {ids[name] for name in ("u0", "u2", "u3", "u7")}
