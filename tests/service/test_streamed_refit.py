@@ -53,12 +53,14 @@ def whole_read_reference(session: Session, model: Model) -> TabularData:
             .order_by(User.external_id, Observation.day)
         )
     )
-    labels = np.array([row.label for row in rows], dtype=np.float64)
-    outlier = gross_outliers(labels)[0]
-    rows = [row for row, bad in zip(rows, outlier, strict=True) if not bad]
+    label_dtype = kind_of(model).label_dtype
+    if model.task == "regression":  # the outlier screen
+        labels = np.array([row.label for row in rows], dtype=np.float64)
+        outlier = gross_outliers(labels)[0]
+        rows = [row for row, bad in zip(rows, outlier, strict=True) if not bad]
     persons = [row.external_id for row in rows]
     x = np.array([[row.features[n] for n in model.features] for row in rows], dtype=np.float32)
-    y = np.asarray([row.label for row in rows], dtype=np.float64)
+    y = np.asarray([row.label for row in rows], dtype=label_dtype)
     is_val = temporal_split(persons)
     return TabularData(
         x_train=x[~is_val], y_train=y[~is_val],
@@ -107,6 +109,25 @@ def test_any_chunk_size_reads_the_whole_read_s_training_data(
         assert warning.data["labels"][0] == {
             "user_id": odd_items()[4]["user_id"], "day": odd_items()[4]["day"], "label": 1e6
         }
+
+
+def test_classification_labels_stream_like_the_whole_read(
+    client: TestClient, auth: Callable, session_factory: sessionmaker
+) -> None:
+    create_model(client, auth, name="moodclass", task="classification")
+    items = odd_items()
+    for k, item in enumerate(items):
+        if "label" in item:
+            item["label"] = "high" if k % 3 else "low"
+    ingest(client, auth, items, name="moodclass")
+    with session_factory() as session:
+        model = session.scalars(select(Model)).one()
+        want = whole_read_reference(session, model)
+        for chunk in CHUNKS:
+            data = kind_of(model).load_training_data(session, model=model, chunk_rows=chunk)
+            assert_same_data(data, want)
+            assert data.y_train.dtype == object and set(data.y_train) == {"low", "high"}
+            assert not data.warnings
 
 
 def test_more_rows_than_counted_grow_the_arrays(
