@@ -145,6 +145,7 @@ def cmd_refit(settings: Settings, args: argparse.Namespace) -> int:
             device=settings.device,
             callback=progress,
             keep_versions=settings.keep_versions,
+            chunk_rows=settings.refit_chunk_rows,
         )
     finally:
         engine.dispose()

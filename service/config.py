@@ -183,6 +183,12 @@ class Settings(BaseSettings):
         description="The worker enqueues a refit when the active version is older than this and "
         "at least one label is new (0: never by age).",
     )
+    refit_chunk_rows: int = Field(
+        default=50_000,
+        ge=1,
+        description="A refit streams the model's labelled rows from the database in chunks of "
+        "this many into preallocated arrays: peak memory is the arrays plus one chunk.",
+    )
     refit_check_seconds: float = Field(
         default=60.0, gt=0.0, description="How often the worker checks the refit triggers."
     )

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.errors import NotFound
 from service.jobs.queue import enqueue_user_updates, finish_job
 from service.learning import history, refit
+from service.learning.kinds.base import REFIT_CHUNK_ROWS
 from service.learning.serving import Predictor
 from service.learning.user_update import fit_user, write_user_fit
 from service.storage import retention
@@ -50,6 +51,7 @@ class JobContext:
     progress: Callable[[dict[str, Any]], None]
     keep_versions: int = 5
     refit_backoff_seconds: float = 600.0
+    refit_chunk_rows: int = REFIT_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def run_refit(context: JobContext, claim: Claim) -> JobResult:
         device=context.device,
         activate="if_not_worse",
         callback=on_epoch,
+        chunk_rows=context.refit_chunk_rows,
     )
     with (
         refit.keep_artifact_if_committed(context.session_factory, trained),
@@ -167,13 +170,14 @@ def refit_model(
     max_attempts: int = 3,
     keep_versions: int = 5,
     actor: str = "cli",
+    chunk_rows: int = REFIT_CHUNK_ROWS,
 ) -> ModelVersion:
     """A refit outside the worker (``nme-service refit``, the demo): train, then commit the
     version, its θⁱ rows, the follow-up user updates, its events and retention in one
     transaction."""
     trained = refit.train_version(
         session_factory, model_name=model_name, artifact_dir=artifact_dir, device=device,
-        activate=activate, callback=callback,
+        activate=activate, callback=callback, chunk_rows=chunk_rows,
     )
     with (
         refit.keep_artifact_if_committed(session_factory, trained),

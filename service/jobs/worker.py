@@ -346,6 +346,7 @@ class Worker:
                 progress=progress,
                 keep_versions=self.settings.keep_versions,
                 refit_backoff_seconds=self.settings.refit_backoff_seconds,
+                refit_chunk_rows=self.settings.refit_chunk_rows,
             )
             attempted_at = utcnow()
             try:

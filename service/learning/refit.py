@@ -25,16 +25,22 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import Conflict, NotFound
 from service.learning.champion import Decision, decide, score_challenger, score_champion
 from service.learning.kinds import Estimator, TrainingData, kind_of
-from service.learning.kinds.base import Callback, non_finite_parts, temporal_split
+from service.learning.kinds.base import (
+    REFIT_CHUNK_ROWS,
+    Callback,
+    non_finite_parts,
+    temporal_split,
+)
 from service.storage import store
 from service.storage.artifacts import ArtifactCorrupt, remove_artifact, write_artifact
-from service.storage.codec import encode_effects
 from service.storage.tables import Model, ModelVersion
 
 __all__ = [
@@ -109,18 +115,20 @@ def train_version(
     device: str,
     activate: ActivationRule = True,
     callback: Callback | None = None,
+    chunk_rows: int = REFIT_CHUNK_ROWS,
 ) -> TrainedVersion:
     """Read, fit, decide and write the artifact (nothing is written to the database).
 
     Args:
         activate: see :data:`ActivationRule`; the champion/challenger decision is stored in the
             metrics as ``champion_challenger``.
+        chunk_rows: labelled rows read per chunk (``NME_REFIT_CHUNK_ROWS``).
     """
     with session_factory() as session:
         model = store.get_model(session, name=model_name)
         if model is None:
             raise NotFound(f"model {model_name!r} not found")
-        data = kind_of(model).load_training_data(session, model=model)
+        data = kind_of(model).load_training_data(session, model=model, chunk_rows=chunk_rows)
     estimator, metrics = fit_estimator(model, data, device=device, callback=callback)
     check_finite(model, estimator, metrics)
     decision = None
@@ -159,25 +167,22 @@ def record_version(session: Session, trained: TrainedVersion) -> ModelVersion:
         trained_until=data.read_at,
     )
     # Users forgotten while the model trained (everywhere, or in this model) must not come
-    # back through their θⁱ.
-    wanted = [data.user_row_ids[str(p)] for p in estimator.person_ids_]
-    alive = store.users_with_data(session, model_id=trained.model.id, user_ids=wanted)
-    counts: dict[str, int] = {}
-    for person in data.persons_train:
-        counts[person] = counts.get(person, 0) + 1
-    effects = estimator.effects_matrix()  # (n_persons, d)
-    variances = estimator.effects_variance_matrix()  # (n_persons, d), the Laplace posterior
-    rows = [
-        {
-            "user_id": user_id,
-            "effects": encode_effects(effects[k]),
-            "effects_var": encode_effects(variances[k]),
-            "n_obs": counts[str(person)],
-        }
-        for k, (person, user_id) in enumerate(zip(estimator.person_ids_, wanted, strict=True))
-        if user_id in alive
-    ]
-    store.add_person_params(session, version_id=version.id, rows=rows)
+    # back through their θⁱ. Per-user look-ups run in pandas' hash tables, not Python loops.
+    persons = pd.Index(estimator.person_ids_).astype(str)  # (U,) the table's row order
+    known = pd.Series(list(data.user_row_ids.values()), index=list(data.user_row_ids.keys()))
+    wanted = known.reindex(persons).to_numpy(dtype=np.int64)  # (U,) user row ids
+    counts = pd.Series(np.asarray(data.persons_train, dtype=object)).value_counts()
+    n_obs = counts.reindex(persons).to_numpy(dtype=np.int64)  # (U,) training labels each
+    alive = store.users_with_data(session, model_id=trained.model.id, user_ids=wanted.tolist())
+    keep = np.isin(wanted, np.fromiter(alive, dtype=np.int64, count=len(alive)))  # (U,)
+    store.add_person_param_arrays(
+        session,
+        version_id=version.id,
+        user_ids=wanted[keep],
+        effects=estimator.effects_matrix()[keep],  # (U', d)
+        effects_var=estimator.effects_variance_matrix()[keep],  # (U', d), Laplace posterior
+        n_obs=n_obs[keep],
+    )
     if trained.activate:
         store.activate_version(session, version=version)
     return version

@@ -20,6 +20,12 @@ def encode_effects(row: np.ndarray) -> bytes:
     return np.ascontiguousarray(row, dtype=EFFECTS_DTYPE).tobytes()
 
 
+def encode_matrix(rows: np.ndarray) -> np.ndarray:
+    """The stored form of many θⁱ rows at once: ``(n, d)`` as a C-contiguous little-endian
+    float32 matrix whose row ``k`` holds exactly the bytes of ``encode_effects(rows[k])``."""
+    return np.ascontiguousarray(rows, dtype=EFFECTS_DTYPE)
+
+
 def decode_effects(raw: bytes) -> np.ndarray:
     """One stored row back as a writable ``(d,) float32`` array.
 

@@ -5,15 +5,30 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Row, Table, bindparam, delete, func, or_, select, update
+import numpy as np
+from sqlalchemy import (
+    Float,
+    Integer,
+    Row,
+    Table,
+    bindparam,
+    cast,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from service.storage.codec import encode_matrix
 from service.storage.tables import (
     ApiKey,
     Job,
@@ -375,12 +390,22 @@ def forget_user_in_model(session: Session, *, model_id: int, user_id: int) -> No
 
 def users_with_data(session: Session, *, model_id: int, user_ids: Sequence[int]) -> set[int]:
     """Which of ``user_ids`` still have observations or sequences in the model."""
+    wanted = list(user_ids)
     found: set[int] = set()
+    if len(wanted) > ID_CHUNK:
+        # A refit asks about every trained user (a million): one pass over the model's rows
+        # (a hash aggregate) instead of an index probe per user in chunks, which also stays
+        # under PostgreSQL's 65 535 bound parameters per statement.
+        for table in (Observation, SequenceRow):
+            found.update(
+                session.scalars(select(table.user_id).where(table.model_id == model_id).distinct())
+            )
+        return found.intersection(wanted)
     for table in (Observation, SequenceRow):
         found.update(
             session.scalars(
                 select(table.user_id)
-                .where(table.model_id == model_id, table.user_id.in_(list(user_ids)))
+                .where(table.model_id == model_id, table.user_id.in_(wanted))
                 .distinct()
             )
         )
@@ -521,24 +546,62 @@ def dialect_insert(session: Session, table: Table) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-def load_labelled_observations(
-    session: Session, *, model_id: int
-) -> list[Row[tuple[str, int, date, dict[str, float], Any]]]:
-    """All labelled observations of a model as (external id, user row id, day, features,
-    label), ordered by user and day (the refit splits each user's labels in time order)."""
+def count_labelled_observations(session: Session, *, model_id: int) -> int:
+    """How many labelled observations a model has (sizes a streamed refit's arrays)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Observation)
+            .where(Observation.model_id == model_id, Observation.label.is_not(None))
+        )
+        or 0
+    )
+
+
+def stream_labelled_observations(
+    session: Session,
+    *,
+    model_id: int,
+    features: Sequence[str],
+    chunk_rows: int,
+    float_labels: bool = False,
+) -> Iterator[Sequence[Row[Any]]]:
+    """All labelled observations of a model in chunks of at most ``chunk_rows`` rows, ordered
+    by user (external id) and day: the refit splits each user's labels in time order.
+
+    Each row is ``(external id, user row id, day as days since 1970-01-01, label, value of
+    features[0], …)``. The database does the per-value work a client would do in Python: it
+    takes the features out of the JSON (``->>`` on PostgreSQL, ``json_extract`` on SQLite),
+    counts the days, and with ``float_labels`` casts the JSON label to a float on PostgreSQL
+    (correctly rounded there, like Python's JSON parser; SQLite's text-to-real conversion is
+    not guaranteed to be, so there the driver's JSON decoding stays). One statement (one
+    snapshot) on the session's connection, through Core (no ORM row processing); on PostgreSQL
+    a server-side cursor (``yield_per``), so the client holds one chunk at a time; SQLite's
+    cursor steps lazily.
+    """
+    connection = session.connection()
+    postgres = connection.dialect.name == "postgresql"
+    if postgres:  # date - date is an integer number of days
+        day = literal_column("observations.day - DATE '1970-01-01'", Integer)
+    else:  # dates are 'YYYY-MM-DD' text
+        day = literal_column("CAST(julianday(observations.day) - 2440587.5 AS INTEGER)", Integer)
+    label: Any = Observation.label
+    if float_labels and postgres:
+        label = cast(Observation.label, Float)
     statement = (
         select(
             User.external_id,
             Observation.user_id,
-            Observation.day,
-            Observation.features,
-            Observation.label,
+            day,
+            label,
+            *(Observation.features[name].as_float() for name in features),
         )
         .join(User, User.id == Observation.user_id)
         .where(Observation.model_id == model_id, Observation.label.is_not(None))
         .order_by(User.external_id, Observation.day)
     )
-    return list(session.execute(statement))
+    result = connection.execute(statement, execution_options={"yield_per": chunk_rows})
+    yield from result.partitions()
 
 
 def load_labelled_sequences(
@@ -593,6 +656,84 @@ def add_person_params(
 
 COPY_MIN_ROWS = 500
 """From this many θⁱ rows on, PostgreSQL writes them with COPY."""
+
+
+def add_person_param_arrays(
+    session: Session,
+    *,
+    version_id: int,
+    user_ids: np.ndarray,
+    effects: np.ndarray,
+    effects_var: np.ndarray,
+    n_obs: np.ndarray,
+) -> None:
+    """Bulk-insert a refit's θⁱ rows from arrays, in the session's transaction (flushes).
+
+    On PostgreSQL (from :data:`COPY_MIN_ROWS` rows) the whole ``COPY … (FORMAT binary)`` stream
+    is one numpy structured array — every field of every row laid out by numpy, no Python
+    object per user — written in slices of :data:`COPY_SLICE_ROWS` rows. Elsewhere (SQLite)
+    and for a few rows, :func:`add_person_params`.
+
+    Args:
+        user_ids: ``(n,)`` user row ids.
+        effects, effects_var: ``(n, d)`` θⁱ and their posterior variances, encoded here with
+            :func:`codec.encode_matrix` (the bytes :func:`codec.encode_effects` gives per row).
+        n_obs: ``(n,)`` each user's number of training labels.
+    """
+    n = len(user_ids)
+    if n == 0:
+        return
+    effects, effects_var = encode_matrix(effects), encode_matrix(effects_var)
+    use_copy = session.get_bind().dialect.name == "postgresql" and n >= COPY_MIN_ROWS
+    if not use_copy or effects.shape[1] == 0:  # (numpy has no zero-width void field)
+        add_person_params(session, version_id=version_id, rows=[
+            {"user_id": int(user_id), "effects": effects[k].tobytes(),
+             "effects_var": effects_var[k].tobytes(), "n_obs": int(count)}
+            for k, (user_id, count) in enumerate(zip(user_ids, n_obs, strict=True))
+        ])
+        return
+    width = effects.shape[1] * effects.itemsize
+    # PostgreSQL's binary COPY row: a field count, then per field its byte length and value,
+    # all big-endian (bytea is the raw bytes: our little-endian float32).
+    record = np.dtype([
+        ("fields", ">i2"),
+        ("version_len", ">i4"), ("version_id", ">i4"),
+        ("stamp_len", ">i4"), ("updated_at", ">i8"),
+        ("user_len", ">i4"), ("user_id", ">i4"),
+        ("effects_len", ">i4"), ("effects", f"V{width}"),
+        ("var_len", ">i4"), ("effects_var", f"V{width}"),
+        ("n_obs_len", ">i4"), ("n_obs", ">i4"),
+    ])
+    table = np.empty(n, dtype=record)  # (n,) packed rows
+    table["fields"] = 6
+    table["version_len"], table["stamp_len"], table["user_len"] = 4, 8, 4
+    table["effects_len"] = table["var_len"] = width
+    table["n_obs_len"] = 4
+    table["version_id"] = version_id
+    table["updated_at"] = (utcnow() - POSTGRES_EPOCH) // timedelta(microseconds=1)
+    table["user_id"] = user_ids
+    table["effects"] = effects.view(f"V{width}")[:, 0]
+    table["effects_var"] = effects_var.view(f"V{width}")[:, 0]
+    table["n_obs"] = n_obs
+    session.flush()  # anything pending goes first, in order
+    driver = session.connection().connection.driver_connection
+    statement = (
+        "COPY person_params (version_id, updated_at, user_id, effects, effects_var, n_obs) "
+        "FROM STDIN (FORMAT binary)"
+    )
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.write(COPY_BINARY_HEADER)
+        for start in range(0, n, COPY_SLICE_ROWS):
+            copy.write(table[start : start + COPY_SLICE_ROWS].tobytes())
+        copy.write(COPY_BINARY_TRAILER)
+
+
+COPY_SLICE_ROWS = 65_536
+"""Rows per write of a binary COPY (bounds the extra bytes object to a few tens of MB)."""
+COPY_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, no extension
+COPY_BINARY_TRAILER = b"\xff\xff"  # field count -1
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+"""Binary timestamps count microseconds from here."""
 
 
 def autocommit_reads(session: Session) -> None:

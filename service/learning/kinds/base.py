@@ -40,6 +40,9 @@ from service.storage.tables import Model
 Estimator = NMERegressor | NMEClassifier | NMESequenceTagger
 """Every fitted estimator the service holds."""
 
+REFIT_CHUNK_ROWS = 50_000
+"""Labelled rows a refit reads per chunk (``NME_REFIT_CHUNK_ROWS``)."""
+
 Callback = Callable[[dict[str, Any]], None]
 """Called with each training epoch's record (the job's progress)."""
 
@@ -154,8 +157,8 @@ class TrainingData(Protocol):
     order; ``user_row_ids`` maps them to user row ids; ``read_at`` is when the data was read.
     """
 
-    persons_train: list[str]
-    persons_val: list[str]
+    persons_train: Sequence[str] | np.ndarray
+    persons_val: Sequence[str] | np.ndarray
     user_row_ids: dict[str, int]
     read_at: datetime
     warnings: list[TrainingWarning]
@@ -238,25 +241,27 @@ def non_finite_parts(estimator: Any) -> list[str]:
     return bad
 
 
-def temporal_split(persons: list[str], fraction: float = VALIDATION_FRACTION) -> np.ndarray:
+def temporal_split(
+    persons: Sequence[Any] | np.ndarray, fraction: float = VALIDATION_FRACTION
+) -> np.ndarray:
     """Mark each user's last ``floor(fraction · nᵢ)`` rows as validation.
 
     Args:
-        persons: ``(n,)`` user ids, grouped by user and in time order within a user.
+        persons: ``(n,)`` user ids (or any per-user keys, e.g. row ids), grouped by user and
+            in time order within a user.
 
     Returns:
         ``(n,) bool``: True for validation rows.
     """
-    is_val = np.zeros(len(persons), dtype=bool)
-    start = 0
-    while start < len(persons):
-        end = start
-        while end < len(persons) and persons[end] == persons[start]:
-            end += 1
-        n_val = int((end - start) * fraction)
-        is_val[end - n_val : end] = True
-        start = end
-    return is_val
+    keys = np.asarray(persons)
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # (U,) first row of each user
+    sizes = np.diff(np.r_[starts, n])  # (U,) nᵢ
+    n_val = (sizes * fraction).astype(np.int64)  # (U,) floor, as int() of the product did
+    position = np.arange(n) - np.repeat(starts, sizes)  # (n,) row's index within its user
+    return position >= np.repeat(sizes - n_val, sizes)
 
 
 def split_persons(persons: list[str], is_val: np.ndarray) -> tuple[list[str], list[str]]:
@@ -406,9 +411,11 @@ class ModelKind(ABC):
     # ------------------------------------------------------------------ training
 
     @abstractmethod
-    def load_training_data(self, session: Session, *, model: Model) -> TrainingData:
+    def load_training_data(
+        self, session: Session, *, model: Model, chunk_rows: int = REFIT_CHUNK_ROWS
+    ) -> TrainingData:
         """Read the model's labels and split each user's in time order (409 when there are
-        none)."""
+        none); ``chunk_rows``: rows per chunk where the kind streams its reads."""
 
     def check_trainable(self, model: Model, data: TrainingData) -> None:  # noqa: B027
         """Refuse (409) data this kind cannot train on (every kind may override; by default
@@ -447,7 +454,7 @@ class ModelKind(ABC):
             "best_epoch": int(estimator.best_epoch_),
             "fit_seconds": round(time.perf_counter() - started, 3),
         }
-        if data.persons_val:
+        if len(data.persons_val) > 0:
             n_val = len(data.persons_val)
             metrics["val_score"] = self.score(estimator, data)
             metrics["val_score_generic"] = self.score(

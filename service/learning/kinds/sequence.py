@@ -19,6 +19,7 @@ from service.errors import Conflict, InvalidInput, invalid
 from service.learning.kinds.base import (
     ARCHITECTURE_KEYS,
     PINNED_TRAINING_KEYS,
+    REFIT_CHUNK_ROWS,
     Callback,
     Decoded,
     ModelKind,
@@ -191,8 +192,11 @@ class SequenceKind(ModelKind):
 
     # ------------------------------------------------------------------ training
 
-    def load_training_data(self, session: Session, *, model: Model) -> SequenceData:
-        """Labelled sequences, per user in the order they arrived, split per user in time."""
+    def load_training_data(
+        self, session: Session, *, model: Model, chunk_rows: int = REFIT_CHUNK_ROWS
+    ) -> SequenceData:
+        """Labelled sequences, per user in the order they arrived, split per user in time
+        (read whole: ``chunk_rows`` is not used; sequences are few and long)."""
         read_at = utcnow()
         rows = store.load_labelled_sequences(session, model_id=model.id)
         # Stored before forbidden transitions were refused at ingest: train without them.

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from nme import NMEClassifier, NMERegressor
 from service.errors import Conflict, InvalidInput, invalid
 from service.learning.kinds.base import (
+    REFIT_CHUNK_ROWS,
     Callback,
     ModelKind,
     Prediction,
@@ -26,7 +27,6 @@ from service.learning.kinds.base import (
     UserData,
     UserSummary,
     sent,
-    split_persons,
     temporal_split,
 )
 from service.learning.validation import (
@@ -66,6 +66,106 @@ def gross_outliers(labels: np.ndarray) -> tuple[np.ndarray, float, float]:
     return deviation > OUTLIER_SCALES * scale, median, scale
 
 
+@dataclass(frozen=True)
+class LabelledTable:
+    """A model's labelled observations as arrays, rows grouped by user in day order.
+
+    ``x (n, F) float32`` in model feature order; ``y (n,)`` labels; ``user (n,) int64`` each
+    row's position in ``external_ids (U,) object`` and ``row_ids (U,) int64`` (users in the
+    order they appear); ``days (n,) datetime64[D]``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    user: np.ndarray
+    days: np.ndarray
+    external_ids: np.ndarray
+    row_ids: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Number of rows."""
+        return int(self.x.shape[0])
+
+    def user_row_ids(self) -> dict[str, int]:
+        """External id → user row id of every user with at least one row."""
+        present = np.bincount(self.user, minlength=len(self.row_ids)) > 0  # (U,)
+        return dict(
+            zip(self.external_ids[present].tolist(), self.row_ids[present].tolist(), strict=True)
+        )
+
+    def take(self, keep: np.ndarray) -> LabelledTable:
+        """The rows where ``keep (n,) bool`` is True (users without rows left stay listed)."""
+        return LabelledTable(
+            x=self.x[keep], y=self.y[keep], user=self.user[keep], days=self.days[keep],
+            external_ids=self.external_ids, row_ids=self.row_ids,
+        )
+
+
+def read_labelled(
+    session: Session, *, model: Model, label_dtype: type, chunk_rows: int = REFIT_CHUNK_ROWS
+) -> LabelledTable:
+    """Stream a model's labelled observations into preallocated arrays, ``chunk_rows`` rows at
+    a time (see :func:`store.stream_labelled_observations`).
+
+    The arrays are sized by a count taken just before the read; if the read sees more rows
+    (labels that arrived in between), they grow by doubling, and a shorter read is trimmed.
+    Peak memory is the arrays plus one chunk of driver rows: no Python object per observation
+    outlives its chunk, except one shared string per user (and per class label).
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    n_features = len(model.features)
+    capacity = max(store.count_labelled_observations(session, model_id=model.id), 1)
+    x = np.empty((capacity, n_features), dtype=np.float32)  # (capacity, F)
+    y = np.empty(capacity, dtype=label_dtype)  # (capacity,)
+    user = np.empty(capacity, dtype=np.int64)  # (capacity,)
+    days = np.empty(capacity, dtype="datetime64[D]")  # (capacity,)
+    external_ids: list[str] = []  # (U,), one per user
+    row_ids: list[int] = []  # (U,)
+    shared_labels: dict[Any, Any] = {}  # class name → one str object for all its rows
+    n, previous = 0, -1
+    for rows in store.stream_labelled_observations(
+        session, model_id=model.id, features=model.features, chunk_rows=chunk_rows,
+        float_labels=label_dtype is not object,
+    ):
+        m = len(rows)
+        if n + m > capacity:
+            capacity = max(2 * capacity, n + m)
+            x, y, user, days = (_grown(a, n, capacity) for a in (x, y, user, days))
+        columns = list(zip(*rows, strict=True))  # one tuple per column of the chunk
+        ids = np.asarray(columns[1], dtype=np.int64)  # (m,) user row ids
+        # Rows come grouped by user: a user starts where the row id changes.
+        starts = np.empty(m, dtype=bool)
+        starts[0] = ids[0] != previous
+        np.not_equal(ids[1:], ids[:-1], out=starts[1:])
+        first = len(external_ids)
+        new = np.flatnonzero(starts)
+        external_ids.extend(np.asarray(columns[0], dtype=object)[new].tolist())
+        row_ids.extend(ids[new].tolist())
+        user[n : n + m] = first - 1 + np.cumsum(starts)
+        # Python floats to float32 in one conversion, as np.array(list of rows) did.
+        x[n : n + m] = np.array(columns[4:], dtype=np.float32).reshape(n_features, m).T
+        labels = columns[3]
+        if label_dtype is object:
+            labels = tuple(shared_labels.setdefault(label, label) for label in labels)
+        y[n : n + m] = np.asarray(labels, dtype=label_dtype)
+        days[n : n + m] = np.asarray(columns[2], dtype=np.int64).view("datetime64[D]")
+        n, previous = n + m, int(ids[-1])
+    return LabelledTable(
+        x=x[:n], y=y[:n], user=user[:n], days=days[:n],
+        external_ids=np.array(external_ids, dtype=object),
+        row_ids=np.asarray(row_ids, dtype=np.int64),
+    )
+
+
+def _grown(array: np.ndarray, n: int, capacity: int) -> np.ndarray:
+    """A ``(capacity, …)`` array of ``array``'s dtype holding its first ``n`` rows."""
+    out = np.empty((capacity, *array.shape[1:]), dtype=array.dtype)
+    out[:n] = array[:n]
+    return out
+
+
 class ObservationItem(Protocol):
     """One day of one user, as the ingest route receives it."""
 
@@ -87,15 +187,15 @@ class TabularData:
     """A model's labelled observations split for one refit.
 
     ``x_*`` are ``(n, F)`` float32 in model feature order, ``y_*`` ``(n,)``, ``persons_*`` the
-    users' external ids ``(n,)``.
+    users' external ids ``(n,) object`` (one shared str per user).
     """
 
     x_train: np.ndarray
     y_train: np.ndarray
-    persons_train: list[str]
+    persons_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
-    persons_val: list[str]
+    persons_val: np.ndarray
     user_row_ids: dict[str, int]
     read_at: datetime
     warnings: list[TrainingWarning] = field(default_factory=list)
@@ -168,38 +268,44 @@ class TabularKind(ModelKind):
 
     # ------------------------------------------------------------------ training
 
-    def load_training_data(self, session: Session, *, model: Model) -> TabularData:
-        """Every labelled observation, per user in day order, split per user in time."""
+    def load_training_data(
+        self, session: Session, *, model: Model, chunk_rows: int = REFIT_CHUNK_ROWS
+    ) -> TabularData:
+        """Every labelled observation, per user in day order, split per user in time.
+
+        Streamed: the rows arrive ``chunk_rows`` at a time straight into preallocated arrays
+        (:func:`read_labelled`), so a refit never holds a Python object per observation.
+        """
         read_at = utcnow()
-        rows, warnings = self.screen_labels(
-            model, store.load_labelled_observations(session, model_id=model.id)
+        table = read_labelled(
+            session, model=model, label_dtype=self.label_dtype, chunk_rows=chunk_rows
         )
-        if not rows:
+        keep, warnings = self.screen_labels(model, table)
+        if keep is not None:
+            table = table.take(keep)
+        if table.n == 0:
             raise Conflict(f"model {model.name!r} has no labelled observations to train on")
-        persons = [row.external_id for row in rows]
-        x = np.array(
-            [[row.features[name] for name in model.features] for row in rows], dtype=np.float32
-        )
-        y = np.asarray([row.label for row in rows], dtype=self.label_dtype)
-        is_val = temporal_split(persons)
-        persons_train, persons_val = split_persons(persons, is_val)
+        is_val = temporal_split(table.user)
+        # One str object per user, shared by that user's rows: 8 bytes per row, not a string.
+        persons = table.external_ids[table.user]  # (n,) object
         return TabularData(
-            x_train=x[~is_val],
-            y_train=y[~is_val],
-            persons_train=persons_train,
-            x_val=x[is_val],
-            y_val=y[is_val],
-            persons_val=persons_val,
-            user_row_ids={row.external_id: row.user_id for row in rows},
+            x_train=table.x[~is_val],
+            y_train=table.y[~is_val],
+            persons_train=persons[~is_val],
+            x_val=table.x[is_val],
+            y_val=table.y[is_val],
+            persons_val=persons[is_val],
+            user_row_ids=table.user_row_ids(),
             read_at=read_at,
             warnings=warnings,
         )
 
     def screen_labels(
-        self, model: Model, rows: list[Any]
-    ) -> tuple[list[Any], list[TrainingWarning]]:
-        """Leave out labelled rows a refit must not train on, saying why (default: none)."""
-        return rows, []
+        self, model: Model, table: LabelledTable
+    ) -> tuple[np.ndarray | None, list[TrainingWarning]]:
+        """Which labelled rows a refit may train on (``(n,) bool``; None: all), and warnings
+        saying why the others were left out (default: all are kept)."""
+        return None, []
 
     def _fit(
         self, model: Model, estimator: Any, data: TabularData, callback: Callback | None
@@ -231,7 +337,7 @@ class TabularKind(ModelKind):
         )
 
     def baseline_score(self, data: TabularData) -> float | None:
-        if not data.persons_val:
+        if len(data.persons_val) == 0:
             return None
         return per_person_mean(self.trivial_scores(data), data.persons_val)
 
@@ -297,7 +403,7 @@ class RegressionKind(TabularKind):
 
     def baseline_score(self, data: TabularData) -> float | None:
         # negative per-person RMSE, like NMERegressor.score_per_person
-        if not data.persons_val:
+        if len(data.persons_val) == 0:
             return None
         squared = self.trivial_scores(data)
         persons = np.asarray(data.persons_val)
@@ -314,20 +420,23 @@ class RegressionKind(TabularKind):
         return abs(float(label) - mean) <= 2 * OUTLIER_SCALES * std
 
     def screen_labels(
-        self, model: Model, rows: list[Any]
-    ) -> tuple[list[Any], list[TrainingWarning]]:
+        self, model: Model, table: LabelledTable
+    ) -> tuple[np.ndarray | None, list[TrainingWarning]]:
         """Without a declared ``label_range``, leave out gross outliers (see
         :func:`gross_outliers`): one mistyped label of 1e30 must not wreck every user's model."""
-        if model.label_range is not None or not rows:
-            return rows, []
-        labels = np.array([row.label for row in rows], dtype=np.float64)  # (n,)
-        outlier, median, scale = gross_outliers(labels)
+        if model.label_range is not None or table.n == 0:
+            return None, []
+        outlier, median, scale = gross_outliers(table.y.astype(np.float64, copy=False))
         if not outlier.any():
-            return rows, []
-        left_out = [row for row, bad in zip(rows, outlier, strict=True) if bad]
+            return None, []
+        left_out = np.flatnonzero(outlier)  # (k,) row positions, in user and day order
         shown = [
-            {"user_id": row.external_id, "day": str(row.day), "label": float(row.label)}
-            for row in left_out[:20]
+            {
+                "user_id": str(table.external_ids[table.user[i]]),
+                "day": str(table.days[i]),
+                "label": float(table.y[i]),
+            }
+            for i in left_out[:20]
         ]
         examples = ", ".join(f"{s['label']:g} ({s['user_id']!r}, {s['day']})" for s in shown[:5])
         warning = TrainingWarning(
@@ -344,7 +453,7 @@ class RegressionKind(TabularKind):
                 "labels": shown,
             },
         )
-        return [row for row, bad in zip(rows, outlier, strict=True) if not bad], [warning]
+        return ~outlier, [warning]
 
     def predict(
         self,
