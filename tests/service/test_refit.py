@@ -77,6 +77,22 @@ def refit_now(
     )
 
 
+def test_a_fit_out_of_epochs_says_so_in_the_metrics_not_on_stderr(
+    client: TestClient, auth: Callable, mood_model: dict, recwarn: pytest.WarningsRecorder
+) -> None:
+    """The test models train 4 epochs: too few for the convergence test. The worker's log is
+    JSON lines, so the estimator's ConvergenceWarning must not reach stderr as text."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    from tests.service.factories import refit
+
+    ingest(client, auth, simulated_items())
+    version = refit(client, auth)
+    assert version["metrics"]["converged"] is False
+    assert version["metrics"]["epochs"] == 4
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+
+
 def test_refit_without_labels_is_a_conflict(
     client: TestClient,
     auth: Callable,

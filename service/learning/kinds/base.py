@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sqlalchemy.orm import Session
 
 from nme import NMEClassifier, NMERegressor, NMESequenceTagger
@@ -440,7 +442,11 @@ class ModelKind(ABC):
         estimator = self.build_estimator(model, device=device)
         started = time.perf_counter()
         try:
-            self._fit(model, estimator, data, callback)
+            with warnings.catch_warnings():
+                # A fit that used its whole epoch budget says so in the version's metrics
+                # (``converged``), not as text on stderr: the worker's log is JSON lines.
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                self._fit(model, estimator, data, callback)
         except ValueError as err:  # e.g. a placement naming no parameter of the network
             raise Conflict(f"model {model.name!r} cannot be trained: {err}") from err
         metrics: dict[str, Any] = {
@@ -452,6 +458,7 @@ class ModelKind(ABC):
             "n_users": len(estimator.person_ids_),
             "epochs": len(estimator.history_),
             "best_epoch": int(estimator.best_epoch_),
+            "converged": bool(getattr(estimator, "converged_", True)),
             "fit_seconds": round(time.perf_counter() - started, 3),
         }
         if len(data.persons_val) > 0:
