@@ -178,7 +178,7 @@ def gather_effects(
     return effects, known
 
 
-def predict_batch(
+def predict_rows(
     session: Session,
     *,
     model: Model,
@@ -189,28 +189,10 @@ def predict_batch(
 ) -> list[Prediction]:
     """Predictions for a batch ``x (n, F)``: one θⁱ query and one forward pass, never a loop
     over users. With ``coverage`` (e.g. 0.9), also each prediction's interval, from σ² and the
-    user's posterior variance of θⁱ (one more query; the prior Σ for unknown users). A
-    prediction that is not finite is a 422 naming its item."""
-    predictions = predict_rows(
-        session, model=model, loaded=loaded, x=x, user_ids=user_ids, coverage=coverage
-    )
-    error = not_finite(predictions)
-    if error is not None:
-        raise error
-    return predictions
+    user's posterior variance of θⁱ (one more query; the prior Σ for unknown users).
 
-
-def predict_rows(
-    session: Session,
-    *,
-    model: Model,
-    loaded: LoadedVersion,
-    x: np.ndarray,
-    user_ids: Sequence[str],
-    coverage: float | None = None,
-) -> list[Prediction]:
-    """:func:`predict_batch` without the finiteness check: for a caller that answers several
-    requests from one batch and checks each request's slice on its own."""
+    Predictions are not checked for finiteness here: a caller answering several requests from
+    one batch checks each request's slice with :func:`not_finite`."""
     effects, known = gather_effects(session, loaded=loaded, user_ids=user_ids)
     kind = kind_of(model)
     variance = None
