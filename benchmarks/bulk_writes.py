@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
-import uuid
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from pgdb import create_database, drop_database
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from service import migrate
@@ -36,11 +35,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=65)
     parser.add_argument("--skip-insert", action="store_true", help="slow at a million rows")
     args = parser.parse_args()
-    name = f"nme_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    url = create_database(ADMIN_URL)
     try:
         migrate.upgrade(url)
         engine = make_engine(url)
@@ -102,9 +97,7 @@ def main() -> None:
         print(f"person_params: {per_row:.0f} bytes per row (table + TOAST + indexes) → "
               f"{per_row * 1e6 / 2**20:,.0f} MiB per version at 1 000 000 users")
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(ADMIN_URL, url)
 
 
 def table_size(engine: Engine) -> int:

@@ -40,12 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pgdb import create_database, drop_database
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -73,24 +73,6 @@ def cpu_seconds(who: int) -> float:
 
 
 # ------------------------------------------------------------------------------- database
-
-
-def create_database(admin_url: str) -> str:
-    name = f"nme_million_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(
-            text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-        )
-    admin.dispose()
 
 
 def features_of(n: int) -> list[str]:
@@ -380,7 +362,7 @@ def run_size(
     n_users: int, args: argparse.Namespace, work: Path, url: str | None = None
 ) -> dict[str, Any]:
     loaded = url is not None
-    url = url or create_database(ADMIN_URL)
+    url = url or create_database(ADMIN_URL, prefix="nme_million")
     log(f"database {make_url(url).database}: {n_users:,} users × {args.days} days")
     result: dict[str, Any] = {"users": n_users, "days": args.days}
     try:
