@@ -239,3 +239,35 @@ def _shape(answer: dict) -> Any:
         for p in answer["predictions"]
     ]
     return {**answer, "predictions": blank}
+
+
+def test_a_database_gone_after_the_key_check_is_503_on_both_paths(
+    client: TestClient,
+    route_client: TestClient,
+    auth: Auth,
+    trained_mood: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key is verified, then the θⁱ read finds the database gone: 503 with Retry-After
+    from the fast path as from the route, and the next request after it returns is served."""
+    from sqlalchemy.exc import OperationalError
+
+    from service.storage import store
+
+    real = store.fetch_person_params
+
+    def gone(*_args: Any, **_kwargs: Any) -> dict:
+        raise OperationalError("SELECT …", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(store, "fetch_person_params", gone)
+    answers = [
+        app.post(PREDICT, json={"items": [item("u0001")]}, headers=auth("predict"))
+        for app in (client, route_client)
+    ]
+    for response in answers:
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "5"
+    assert answers[0].json() == answers[1].json()
+    monkeypatch.setattr(store, "fetch_person_params", real)
+    again = client.post(PREDICT, json={"items": [item("u0001")]}, headers=auth("predict"))
+    assert again.status_code == 200
